@@ -1,0 +1,410 @@
+/* libpagedvl: a paged, per-layer, compressible KV cache for vision-language
+ * models. The whole public API; C11, no CUDA types (streams are void *).
+ *
+ * Usage (CPU backend, error checks shortened):
+ *
+ *   pvl_config cfg;
+ *   pvl_config_init(&cfg);              // defaults, then set the geometry
+ *   cfg.num_layers = 32; cfg.num_q_heads = 32; cfg.num_kv_heads = 8;
+ *   cfg.head_dim = 128; cfg.block_size = 16; cfg.num_blocks = 4096;
+ *   cfg.dtype = PVL_DTYPE_F16;
+ *   pvl_cache *cache;
+ *   if (pvl_cache_create(&cfg, &cache) != PVL_SUCCESS) ...
+ *
+ *   pvl_span img = {5, 2885};           // prompt positions [5, 2885) are visual
+ *   pvl_seq_id seq;
+ *   pvl_status st = pvl_seq_add(cache, 2940, &img, 1, &seq);
+ *   if (st == PVL_ERR_OUT_OF_BLOCKS) ... // nothing was reserved; retry later
+ *   for (uint32_t l = 0; l < 32; l++)   // prefill writes every prompt token
+ *     pvl_kv_write(cache, seq, l, 0, 2940, k[l], v[l], NULL);
+ *
+ *   pvl_plan *plan;
+ *   pvl_plan_create(cache, 256, 0, &plan);
+ *   for (int step = 0; step < n_steps; step++) {
+ *     pvl_seq_append(cache, &seq, 1);   // one new slot in every layer
+ *     pvl_plan_build(plan, &seq, 1, NULL);
+ *     for (uint32_t l = 0; l < 32; l++) {
+ *       pvl_plan_kv_write(plan, l, k_new[l], v_new[l], NULL);
+ *       pvl_attention_decode(plan, l, q[l], out[l], 0.0f, NULL);
+ *     }
+ *   }
+ *   pvl_plan_destroy(plan);
+ *   pvl_seq_free(cache, seq);
+ *   pvl_cache_destroy(cache);
+ *
+ * Conventions that hold for every function below:
+ * - Every function returns a pvl_status; results go through out-pointers,
+ *   which are written only on success.
+ * - A call that fails changes nothing: no block is leaked or reserved, no
+ *   sequence is half-admitted, no table is half-changed. The cache's
+ *   pvl_cache_last_error() says what went wrong.
+ * - A cache and every object made from it (sequences, plans) is used by one
+ *   thread at a time, like an NCCL communicator. Separate caches are
+ *   independent and may be used from different threads at once.
+ * - Data pointers (K, V, Q, outputs) live where the backend computes: host
+ *   memory for PVL_BACKEND_CPU, device memory for PVL_BACKEND_CUDA. They are
+ *   borrowed for the duration of the call (or, on CUDA, until the work queued
+ *   on `stream` has run) and never kept.
+ * - `stream` is a cudaStream_t passed as void * (NULL = the default stream);
+ *   the CPU backend ignores it and finishes before returning. A block freed
+ *   by one call may be handed out by the next, so keep one cache's device
+ *   work on one stream, or synchronize between streams.
+ * - Nothing here calls exit() or abort(), and no process-wide state exists
+ *   apart from one private jemalloc arena for host metadata.
+ */
+#ifndef PAGEDVL_H
+#define PAGEDVL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "pagedvl/version.h"
+
+#if defined(_WIN32)
+#define PVL_API
+#elif defined(PVL_BUILDING_LIBRARY)
+#define PVL_API __attribute__((visibility("default")))
+#else
+#define PVL_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Status                                                                   */
+/* ------------------------------------------------------------------------ */
+
+typedef enum pvl_status {
+  PVL_SUCCESS = 0,
+  PVL_ERR_INVALID_ARGUMENT = 1, /* NULL, out-of-range value, size overflow */
+  PVL_ERR_NO_MEMORY = 2,        /* a host allocation failed */
+  PVL_ERR_OUT_OF_BLOCKS = 3,    /* the pool has too few free blocks */
+  PVL_ERR_UNKNOWN_SEQUENCE = 4, /* id never issued, or already freed */
+  PVL_ERR_UNSUPPORTED = 5,      /* valid, but not built or not supported */
+  PVL_ERR_CAPACITY = 6,         /* a fixed-capacity buffer is too small */
+  PVL_ERR_BAD_STATE = 7,        /* call out of order for this object */
+  PVL_ERR_NO_DEVICE = 8,        /* no GPU, or no usable driver */
+  PVL_ERR_CUDA = 9,             /* a CUDA runtime error (message says which) */
+  PVL_ERR_NCCL = 10,            /* an NCCL error (message says which) */
+  PVL_ERR_INTERNAL = 11         /* a library bug: please report it */
+} pvl_status;
+
+/* A static string naming `status` ("PVL_ERR_OUT_OF_BLOCKS: ..."); never NULL,
+ * also for values outside the enum. */
+PVL_API const char *pvl_status_string(pvl_status status);
+
+/* PVL_VERSION of the library actually loaded. */
+PVL_API uint32_t pvl_version(void);
+
+/* ------------------------------------------------------------------------ */
+/* Configuration                                                            */
+/* ------------------------------------------------------------------------ */
+
+typedef enum pvl_backend {
+  PVL_BACKEND_CPU = 0,  /* host memory; the reference implementation */
+  PVL_BACKEND_CUDA = 1, /* device memory and CUDA kernels */
+  PVL_BACKEND_AUTO = 2  /* CUDA if built and a device is usable, else CPU */
+} pvl_backend;
+
+typedef enum pvl_dtype {
+  PVL_DTYPE_F32 = 0, /* CPU backend only (tests, references) */
+  PVL_DTYPE_F16 = 1,
+  PVL_DTYPE_BF16 = 2
+} pvl_dtype;
+
+/* Byte size of one element of `dtype`, 0 for an unknown value. */
+PVL_API size_t pvl_dtype_size(pvl_dtype dtype);
+
+/* Host-metadata allocator: the seam every host allocation of a cache goes
+ * through (tables, sequences, plans, and the CPU backend's block storage).
+ * `alloc` returns memory aligned to `align` (a power of two <= 4096) or NULL;
+ * `free` receives the size and alignment that were asked for (sized
+ * deallocation, as sdallocx and C++'s aligned delete take them). The default (config.allocator
+ * = NULL) is a private jemalloc arena (mallocx/sdallocx), or libc when the
+ * library was built with PVL_JEMALLOC=OFF. */
+typedef struct pvl_allocator {
+  void *(*alloc)(void *ctx, size_t size, size_t align);
+  void (*free)(void *ctx, void *ptr, size_t size, size_t align);
+  void *ctx;
+} pvl_allocator;
+
+/* Cache configuration. Initialize with pvl_config_init(), then set fields:
+ * `size` lets fields be added later without breaking the ABI. */
+typedef struct pvl_config {
+  size_t size;          /* sizeof(pvl_config), set by pvl_config_init */
+  pvl_backend backend;  /* default PVL_BACKEND_AUTO */
+  int32_t device;       /* CUDA device ordinal, default 0 */
+  pvl_dtype dtype;      /* K/V/Q/output element type, default F16 */
+  uint32_t num_layers;  /* layers this cache holds (>= 1) */
+  uint32_t num_q_heads; /* query heads; a multiple of num_kv_heads */
+  uint32_t num_kv_heads;/* KV heads this cache holds (>= 1) */
+  uint32_t head_dim;    /* CPU: 1..1024; CUDA kernels: 64, 128 or 256 */
+  uint32_t block_size;  /* tokens per block. CPU: 1..1024; CUDA: 16 or 32 */
+  uint32_t num_blocks;  /* blocks in the pool; 0 = derive from
+                           memory_fraction (CUDA only) */
+  float memory_fraction;/* of the device's free memory, when num_blocks = 0;
+                           default 0.9 */
+  uint32_t max_seqs;    /* live sequences at most; default 4096 */
+  const pvl_allocator *allocator; /* NULL = default; must outlive the cache */
+} pvl_config;
+
+/* Fills `cfg` with defaults and sets cfg->size. Geometry fields are zero and
+ * must be set before pvl_cache_create. */
+PVL_API pvl_status pvl_config_init(pvl_config *cfg);
+
+/* ------------------------------------------------------------------------ */
+/* Cache                                                                    */
+/* ------------------------------------------------------------------------ */
+
+typedef struct pvl_cache pvl_cache;
+
+/* Creates a cache: validates `cfg` (copied; the caller keeps it), allocates
+ * the pool (num_blocks blocks of 2 * num_kv_heads * block_size * head_dim
+ * elements, laid out [K|V][kv_head][slot][head_dim]) and the host metadata.
+ * Fails with INVALID_ARGUMENT (bad geometry or a size that overflows),
+ * UNSUPPORTED (backend or shape not built/supported), NO_DEVICE, NO_MEMORY;
+ * on failure *out is untouched and nothing is leaked. */
+PVL_API pvl_status pvl_cache_create(const pvl_config *cfg, pvl_cache **out);
+
+/* Frees the cache, its pool, its sequences and the plans still made from
+ * it. NULL is accepted (returns PVL_SUCCESS). The caller ensures no device
+ * work of the cache is still in flight. */
+PVL_API pvl_status pvl_cache_destroy(pvl_cache *cache);
+
+/* The configuration the cache was created with (backend resolved, num_blocks
+ * derived). */
+PVL_API pvl_status pvl_cache_config(const pvl_cache *cache, pvl_config *out);
+
+/* Message of the last failing call on `cache` ("" if none yet): the
+ * function, what was wrong, and the values. Owned by the cache; valid until
+ * the next failing call. NULL cache: a static message. */
+PVL_API const char *pvl_cache_last_error(const pvl_cache *cache);
+
+/* Message of the last failing pvl_cache_create in this library, for when no
+ * cache exists to ask. Not thread-safe across concurrent creates. */
+PVL_API const char *pvl_create_last_error(void);
+
+/* ------------------------------------------------------------------------ */
+/* Sequences                                                                */
+/* ------------------------------------------------------------------------ */
+
+/* Opaque sequence id. An id is never reused for the life of the cache, so a
+ * stale id is detected (UNKNOWN_SEQUENCE), not aliased. */
+typedef uint64_t pvl_seq_id;
+
+/* Prompt positions [begin, end) that hold visual tokens. */
+typedef struct pvl_span {
+  uint32_t begin;
+  uint32_t end;
+} pvl_span;
+
+/* Admits a request of `n_prompt` tokens (>= 1): reserves
+ * ceil(n_prompt / block_size) blocks in every layer, all of them or none.
+ * `visual` lists n_visual spans (sorted, non-overlapping, non-empty, inside
+ * [0, n_prompt)); it may be NULL when n_visual = 0. The slots hold garbage
+ * until written with pvl_kv_write. The sequence's next logical position is
+ * n_prompt. Fails with OUT_OF_BLOCKS (pool), CAPACITY (max_seqs live),
+ * INVALID_ARGUMENT, NO_MEMORY. */
+PVL_API pvl_status pvl_seq_add(pvl_cache *cache, uint32_t n_prompt,
+                               const pvl_span *visual, uint32_t n_visual,
+                               pvl_seq_id *out);
+
+/* Releases the sequence: every block whose refcount drops to zero returns
+ * to the pool. */
+PVL_API pvl_status pvl_seq_free(pvl_cache *cache, pvl_seq_id seq);
+
+/* Makes a child that shares every block of `parent` (refcounts rise; no
+ * data is copied). A later append to either side copies a shared partial
+ * last block first (copy-on-write), so writes never leak across the fork. */
+PVL_API pvl_status pvl_seq_fork(pvl_cache *cache, pvl_seq_id parent,
+                                pvl_seq_id *child);
+
+/* Adds one token slot to every layer of each of the n sequences (the next
+ * decode token), taking a new block where a layer's last block is full and
+ * copying a shared partial last block (copy-on-write; device copies go on
+ * `stream`). All or nothing: if the pool cannot serve the whole batch,
+ * returns OUT_OF_BLOCKS and changes nothing. A sequence may appear once. */
+PVL_API pvl_status pvl_seq_append(pvl_cache *cache, const pvl_seq_id *seqs,
+                                  uint32_t n, void *stream);
+
+/* Keeps only the `n_keep` slots listed in `keep` (strictly ascending slot
+ * indices of this layer) of one layer of a sequence, in their order, and
+ * moves them into the fewest blocks: the kept tokens land in slots
+ * [0, n_keep). Blocks no longer used return to the pool (or lose a
+ * reference, if shared with a fork). Needs transiently at most
+ * ceil(n_keep / block_size) free blocks (the moved tail is gathered into
+ * fresh blocks, so the move is race-free on a GPU and never writes a block
+ * another sequence shares); fails with OUT_OF_BLOCKS otherwise. This is the
+ * compaction step of compression, public so a stack with its own scores can
+ * use it. The logical positions of the kept tokens are remembered
+ * (pvl_seq_positions). n_keep = 0 empties the layer. */
+PVL_API pvl_status pvl_seq_retain(pvl_cache *cache, pvl_seq_id seq,
+                                  uint32_t layer, const uint32_t *keep,
+                                  uint32_t n_keep, void *stream);
+
+typedef struct pvl_seq_info {
+  uint32_t n_prompt;       /* prompt length at admission */
+  uint32_t n_decoded;      /* slots appended since admission (or fork) */
+  uint32_t position;       /* next logical position: n_prompt + n_decoded */
+  uint32_t n_visual_spans; /* spans given at admission */
+  uint32_t min_tokens;     /* fewest tokens held by one layer */
+  uint32_t max_tokens;     /* most tokens held by one layer */
+  uint64_t total_tokens;   /* sum of tokens over layers */
+  uint64_t total_blocks;   /* sum of blocks over layers (shared included) */
+} pvl_seq_info;
+
+PVL_API pvl_status pvl_seq_get_info(const pvl_cache *cache, pvl_seq_id seq,
+                                    pvl_seq_info *out);
+
+/* Tokens (slots) and blocks of one layer of a sequence. */
+PVL_API pvl_status pvl_seq_layer_size(const pvl_cache *cache, pvl_seq_id seq,
+                                      uint32_t layer, uint32_t *n_tokens,
+                                      uint32_t *n_blocks);
+
+/* Copies the block ids of one layer (in table order) into ids[0..cap);
+ * *n receives the table's block count. CAPACITY if cap is too small. */
+PVL_API pvl_status pvl_seq_blocks(const pvl_cache *cache, pvl_seq_id seq,
+                                  uint32_t layer, int32_t *ids, uint32_t cap,
+                                  uint32_t *n);
+
+/* Copies the logical position of every slot of one layer into
+ * pos[0..cap) (slot i of an uncompressed layer is position i).
+ * CAPACITY if cap < the layer's token count. */
+PVL_API pvl_status pvl_seq_positions(const pvl_cache *cache, pvl_seq_id seq,
+                                     uint32_t layer, uint32_t *pos,
+                                     uint32_t cap, uint32_t *n);
+
+/* The visual spans given at admission: copies at most cap of them. */
+PVL_API pvl_status pvl_seq_visual_spans(const pvl_cache *cache,
+                                        pvl_seq_id seq, pvl_span *spans,
+                                        uint32_t cap, uint32_t *n);
+
+/* ------------------------------------------------------------------------ */
+/* Scheduler queries (what vLLM's scheduler asks its block manager)          */
+/* ------------------------------------------------------------------------ */
+
+typedef enum pvl_admit {
+  PVL_ADMIT_OK = 0,    /* enough free blocks now */
+  PVL_ADMIT_LATER = 1, /* fits the pool, not its free blocks now */
+  PVL_ADMIT_NEVER = 2  /* larger than the whole pool */
+} pvl_admit;
+
+/* Whether pvl_seq_add(n_prompt) would find its blocks. */
+PVL_API pvl_status pvl_can_add(const pvl_cache *cache, uint32_t n_prompt,
+                               pvl_admit *out);
+
+/* Blocks pvl_seq_add(n_prompt) reserves: num_layers * ceil(n/block_size). */
+PVL_API pvl_status pvl_blocks_for_prompt(const pvl_cache *cache,
+                                         uint32_t n_prompt, uint64_t *out);
+
+/* Blocks the next pvl_seq_append of these sequences takes from the pool
+ * (new blocks plus copy-on-write copies). */
+PVL_API pvl_status pvl_blocks_for_append(const pvl_cache *cache,
+                                         const pvl_seq_id *seqs, uint32_t n,
+                                         uint64_t *out);
+
+/* ------------------------------------------------------------------------ */
+/* Statistics                                                               */
+/* ------------------------------------------------------------------------ */
+
+typedef struct pvl_stats {
+  uint32_t num_blocks;    /* pool size */
+  uint32_t free_blocks;   /* on the free list */
+  uint32_t used_blocks;   /* refcount >= 1 */
+  uint32_t shared_blocks; /* refcount >= 2 */
+  uint32_t num_seqs;      /* live sequences */
+  uint64_t tokens;        /* slots over all (sequence, layer) tables */
+  uint64_t block_bytes;   /* bytes of one block */
+  uint64_t pool_bytes;    /* bytes of the pool's storage */
+} pvl_stats;
+
+PVL_API pvl_status pvl_cache_get_stats(const pvl_cache *cache,
+                                       pvl_stats *out);
+
+/* Tokens held per layer, summed over live sequences: out[0..num_layers). */
+PVL_API pvl_status pvl_cache_layer_tokens(const pvl_cache *cache,
+                                          uint64_t *out, uint32_t n_layers);
+
+/* ------------------------------------------------------------------------ */
+/* K/V data                                                                 */
+/* ------------------------------------------------------------------------ */
+
+/* Writes n tokens into slots [first, first + n) of one layer of a sequence.
+ * k and v are [n][num_kv_heads][head_dim] in the cache dtype (token-major,
+ * as a K/V projection produces them; K after RoPE). Writing into a block
+ * shared with a fork is refused (BAD_STATE): shared blocks are read-only. */
+PVL_API pvl_status pvl_kv_write(pvl_cache *cache, pvl_seq_id seq,
+                                uint32_t layer, uint32_t first, uint32_t n,
+                                const void *k, const void *v, void *stream);
+
+/* Reads slots [first, first + n) of one layer back into k and v, with the
+ * layout pvl_kv_write takes. */
+PVL_API pvl_status pvl_kv_read(const pvl_cache *cache, pvl_seq_id seq,
+                               uint32_t layer, uint32_t first, uint32_t n,
+                               void *k, void *v, void *stream);
+
+/* ------------------------------------------------------------------------ */
+/* Batch plans and decode attention                                         */
+/* ------------------------------------------------------------------------ */
+
+/* A batch plan: for one decode step, the per-layer page tables of a batch,
+ * as arrays the kernels read. Its buffers have a fixed capacity (a CUDA
+ * graph can capture a step) and stay resident: pvl_plan_build sends only
+ * what changed since the previous build. */
+typedef struct pvl_plan pvl_plan;
+
+/* Makes a plan for batches of at most max_seqs sequences (1..max_seqs of
+ * the cache). `block_capacity` is the number of block-id entries each layer's
+ * table may hold, rows' slack included (on CUDA: 4 bytes of device memory
+ * each, per layer). 0 picks num_blocks * 3/2 + 16 * max_seqs, which holds
+ * any batch that does not share blocks. A build that needs more fails with
+ * CAPACITY and leaves the plan as it was. */
+PVL_API pvl_status pvl_plan_create(pvl_cache *cache, uint32_t max_seqs,
+                                   uint64_t block_capacity, pvl_plan **out);
+
+/* NULL is accepted. */
+PVL_API pvl_status pvl_plan_destroy(pvl_plan *plan);
+
+/* Points the plan at `seqs` (n <= max_seqs, each once) as they are now.
+ * Sequence i of the batch is row i of every layer's table. Call it after
+ * pvl_seq_append (and after any retain or fork) and before the step's
+ * kernels. The device copy of the changes goes on `stream`. */
+PVL_API pvl_status pvl_plan_build(pvl_plan *plan, const pvl_seq_id *seqs,
+                                  uint32_t n, void *stream);
+
+typedef struct pvl_plan_info {
+  uint32_t n_seqs;          /* batch of the last build */
+  uint32_t max_seqs;
+  uint64_t block_capacity;  /* block-id entries per layer */
+  uint64_t last_update_bytes; /* bytes sent by the last build */
+  uint64_t last_update_entries; /* entries changed by the last build */
+  uint64_t full_rebuilds;   /* layers rewritten whole since creation */
+} pvl_plan_info;
+
+PVL_API pvl_status pvl_plan_get_info(const pvl_plan *plan,
+                                     pvl_plan_info *out);
+
+/* Writes the newest token of every sequence of the plan into the last slot
+ * of layer `layer` (the slot the last append made). k and v are
+ * [n_seqs][num_kv_heads][head_dim]. One launch for the whole batch. */
+PVL_API pvl_status pvl_plan_kv_write(pvl_plan *plan, uint32_t layer,
+                                     const void *k, const void *v,
+                                     void *stream);
+
+/* Decode attention of layer `layer` for every sequence of the plan:
+ * out[b][h] = softmax(q[b][h] . K^T * scale) V over the layer's slots of
+ * sequence b, query head h reading KV head h / (num_q_heads/num_kv_heads).
+ * q and out are [n_seqs][num_q_heads][head_dim] in the cache dtype; fp32
+ * accumulation. scale = 0 means 1/sqrt(head_dim); otherwise it must be
+ * finite and > 0. A layer with no tokens yields zeros. */
+PVL_API pvl_status pvl_attention_decode(pvl_plan *plan, uint32_t layer,
+                                        const void *q, void *out, float scale,
+                                        void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PAGEDVL_H */

@@ -1,0 +1,274 @@
+/* The CPU backend: the pool in host memory and the reference (oracle)
+ * implementations of every kernel. Written to be obviously correct, not
+ * fast: the GPU kernels are tested against these. */
+#include <math.h>
+#include <string.h>
+
+#include "internal.h"
+
+/* Byte offset of (block, K/V, head, slot) in the pool. */
+static inline size_t slot_offset(const pvl_cache *c, int64_t block, int kv,
+                                 int32_t head, int32_t slot) {
+  const pvl_kv_geom *g = &c->geom;
+  int64_t e = block * g->block_elems +
+              ((int64_t)(kv * g->num_kv_heads + head) * g->block_size + slot) *
+                  g->head_dim;
+  return (size_t)e * c->elem_size;
+}
+
+static pvl_status cpu_init(pvl_cache *c) {
+  if (c->cfg.num_blocks == 0)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
+                    "num_blocks = 0: the CPU backend needs an explicit pool "
+                    "size");
+  size_t bytes;
+  if (!pvl__mul_ok(c->block_bytes, c->cfg.num_blocks, &bytes))
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
+                    "%u blocks of %zu bytes overflow size_t",
+                    c->cfg.num_blocks, c->block_bytes);
+  c->storage = pvl__alloc_aligned(c->alloc, bytes, 64);
+  if (!c->storage)
+    return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "pool storage of %zu bytes", bytes);
+  return PVL_SUCCESS;
+}
+
+static void cpu_fini(pvl_cache *c) {
+  pvl__free_aligned(c->alloc, c->storage,
+                    c->block_bytes * c->cfg.num_blocks, 64);
+  c->storage = NULL;
+}
+
+static pvl_status cpu_copy_blocks(pvl_cache *c, const int32_t *src,
+                                  const int32_t *dst, uint32_t n,
+                                  void *stream) {
+  (void)stream;
+  char *base = c->storage;
+  for (uint32_t i = 0; i < n; i++)
+    memcpy(base + (size_t)dst[i] * c->block_bytes,
+           base + (size_t)src[i] * c->block_bytes, c->block_bytes);
+  return PVL_SUCCESS;
+}
+
+/* Copies one token's K and V rows (all heads) between two pool slots. */
+static void copy_token(pvl_cache *c, int64_t sb, int32_t so, int64_t db,
+                       int32_t dof) {
+  char *base = c->storage;
+  const size_t row = (size_t)c->geom.head_dim * c->elem_size;
+  for (int kv = 0; kv < 2; kv++)
+    for (int32_t h = 0; h < c->geom.num_kv_heads; h++)
+      memcpy(base + slot_offset(c, db, kv, h, dof),
+             base + slot_offset(c, sb, kv, h, so), row);
+}
+
+static pvl_status cpu_gather(pvl_cache *c, const int64_t *src_slots,
+                             const int32_t *dst_blocks, uint32_t n,
+                             void *stream) {
+  (void)stream;
+  const int32_t bs = c->geom.block_size;
+  for (uint32_t i = 0; i < n; i++)
+    copy_token(c, src_slots[i] / bs, (int32_t)(src_slots[i] % bs),
+               dst_blocks[i / (uint32_t)bs], (int32_t)(i % (uint32_t)bs));
+  return PVL_SUCCESS;
+}
+
+/* Token-major rows [n][num_kv_heads][head_dim] <-> pool slots. */
+static void token_io(const pvl_cache *c, int64_t block, int32_t off,
+                     char *rows_k, char *rows_v, uint32_t t, bool to_pool) {
+  char *base = c->storage;
+  const size_t row = (size_t)c->geom.head_dim * c->elem_size;
+  for (int32_t h = 0; h < c->geom.num_kv_heads; h++) {
+    size_t r = ((size_t)t * c->geom.num_kv_heads + h) * row;
+    char *pk = base + slot_offset(c, block, 0, h, off);
+    char *pv = base + slot_offset(c, block, 1, h, off);
+    if (to_pool) {
+      memcpy(pk, rows_k + r, row);
+      memcpy(pv, rows_v + r, row);
+    } else {
+      memcpy(rows_k + r, pk, row);
+      memcpy(rows_v + r, pv, row);
+    }
+  }
+}
+
+static pvl_status cpu_write_range(pvl_cache *c, const int32_t *blocks,
+                                  uint32_t first, uint32_t n, const void *k,
+                                  const void *v, void *stream) {
+  (void)stream;
+  const uint32_t bs = (uint32_t)c->geom.block_size;
+  for (uint32_t t = 0; t < n; t++) {
+    uint32_t p = first + t;
+    token_io(c, blocks[p / bs], (int32_t)(p % bs), (char *)k, (char *)v, t,
+             true);
+  }
+  return PVL_SUCCESS;
+}
+
+static pvl_status cpu_read_range(const pvl_cache *c, const int32_t *blocks,
+                                 uint32_t first, uint32_t n, void *k, void *v,
+                                 void *stream) {
+  (void)stream;
+  const uint32_t bs = (uint32_t)c->geom.block_size;
+  for (uint32_t t = 0; t < n; t++) {
+    uint32_t p = first + t;
+    token_io(c, blocks[p / bs], (int32_t)(p % bs), k, v, t, false);
+  }
+  return PVL_SUCCESS;
+}
+
+/* ---- plans: on the CPU the plan buffer is host memory ---- */
+
+static size_t plan_buf_bytes(const pvl_plan *p) {
+  return (size_t)pvl_plan_buf_elems(p->view.num_layers, p->view.max_seqs,
+                                    p->view.block_cap) *
+         sizeof(int32_t);
+}
+
+static pvl_status cpu_plan_init(pvl_plan *p) {
+  size_t bytes = plan_buf_bytes(p);
+  p->host_buf = pvl__alloc_aligned(p->cache->alloc, bytes, 64);
+  if (!p->host_buf)
+    return PVL_FAIL(p->cache, PVL_ERR_NO_MEMORY, "plan buffer of %zu bytes",
+                    bytes);
+  memset(p->host_buf, 0, bytes);
+  p->view.buf = p->host_buf;
+  return PVL_SUCCESS;
+}
+
+static void cpu_plan_fini(pvl_plan *p) {
+  pvl__free_aligned(p->cache->alloc, p->host_buf, plan_buf_bytes(p), 64);
+  p->host_buf = NULL;
+  p->view.buf = NULL;
+}
+
+static pvl_status cpu_plan_upload(pvl_plan *p, const int32_t *pairs,
+                                  uint32_t n, void *stream) {
+  (void)stream;
+  for (uint32_t i = 0; i < n; i++) p->host_buf[pairs[2 * i]] = pairs[2 * i + 1];
+  return PVL_SUCCESS;
+}
+
+/* Row b of `layer` as the kernels see it: length and block ids. */
+static void plan_row(const pvl_plan *p, uint32_t layer, uint32_t b,
+                     int32_t *len, const int32_t **ids) {
+  const pvl_plan_view *v = &p->view;
+  const int32_t *buf = v->buf;
+  *len = buf[pvl_plan_base_len_index(v, (int32_t)layer, (int32_t)b)] +
+         buf[pvl_plan_n_appended_index(v, (int32_t)b)];
+  *ids = buf + pvl_plan_block_ids_index(v, (int32_t)layer) +
+         buf[pvl_plan_row_offset_index(v, (int32_t)layer, (int32_t)b)];
+}
+
+static pvl_status cpu_plan_kv_write(pvl_plan *p, uint32_t layer,
+                                    const void *k, const void *v,
+                                    void *stream) {
+  (void)stream;
+  pvl_cache *c = p->cache;
+  const int32_t bs = c->geom.block_size;
+  for (uint32_t b = 0; b < p->n_seqs; b++) {
+    int32_t len;
+    const int32_t *ids;
+    plan_row(p, layer, b, &len, &ids);
+    int32_t last = len - 1;
+    token_io(c, ids[last / bs], last % bs, (char *)k, (char *)v, b, true);
+  }
+  return PVL_SUCCESS;
+}
+
+/* Reference decode attention. For each (sequence, KV head), every query
+ * head of the GQA group: scores s_j = scale * (q . k_j) over the row's slots,
+ * then out = sum_j softmax(s)_j v_j. Plain two-pass softmax; the exp sums and
+ * the weighted sums are accumulated in double, so the oracle's own rounding
+ * is negligible next to the kernels' fp32. K and V rows are converted once
+ * per group, not once per query head. */
+static pvl_status cpu_attention(pvl_plan *p, uint32_t layer, const void *q,
+                                void *out, float scale, void *stream) {
+  (void)stream;
+  pvl_cache *c = p->cache;
+  const pvl_kv_geom *g = &c->geom;
+  const int32_t d = g->head_dim, bs = g->block_size, hkv = g->num_kv_heads;
+  const int32_t hq = (int32_t)c->cfg.num_q_heads, grp = hq / hkv;
+  const pvl_dtype dt = c->cfg.dtype;
+  const char *base = c->storage;
+
+  int32_t max_len = 0;
+  for (uint32_t b = 0; b < p->n_seqs; b++) {
+    int32_t len;
+    const int32_t *ids;
+    plan_row(p, layer, b, &len, &ids);
+    if (len > max_len) max_len = len;
+  }
+  /* acc [grp][d] and sum [grp] doubles, then scores [grp][max_len],
+   * q [grp][d], k [d], v [d] floats. */
+  const size_t nd = (size_t)grp * d;
+  size_t bytes = (nd + (size_t)grp) * sizeof(double) +
+                 ((size_t)grp * max_len + nd + 2 * (size_t)d) * sizeof(float);
+  double *acc = pvl__scratch(c, bytes);
+  if (!acc)
+    return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "attention scratch (%zu bytes)",
+                    bytes);
+  double *sum = acc + nd;
+  float *scores = (float *)(sum + grp);
+  float *qf = scores + (size_t)grp * max_len, *kf = qf + nd, *vf = kf + d;
+
+  for (uint32_t b = 0; b < p->n_seqs; b++) {
+    int32_t len;
+    const int32_t *ids;
+    plan_row(p, layer, b, &len, &ids);
+    for (int32_t kvh = 0; kvh < hkv; kvh++) {
+      const size_t q0 = ((size_t)b * hq + (size_t)kvh * grp) * d;
+      pvl__load_f32(dt, (const char *)q + q0 * c->elem_size, qf, nd);
+      for (int32_t j = 0; j < len; j++) {
+        pvl__load_f32(dt, base + slot_offset(c, ids[j / bs], 0, kvh, j % bs),
+                      kf, (size_t)d);
+        for (int32_t i = 0; i < grp; i++) {
+          float s = 0.0f;
+          for (int32_t e = 0; e < d; e++) s += qf[(size_t)i * d + e] * kf[e];
+          scores[(size_t)i * max_len + j] = s * scale;
+        }
+      }
+      for (int32_t i = 0; i < grp; i++) {
+        float mx = -INFINITY;
+        for (int32_t j = 0; j < len; j++)
+          if (scores[(size_t)i * max_len + j] > mx)
+            mx = scores[(size_t)i * max_len + j];
+        sum[i] = 0.0;
+        for (int32_t j = 0; j < len; j++) {
+          float *s = &scores[(size_t)i * max_len + j];
+          double w = exp((double)*s - (double)mx);
+          *s = (float)w;
+          sum[i] += w;
+        }
+      }
+      for (size_t e = 0; e < nd; e++) acc[e] = 0.0;
+      for (int32_t j = 0; j < len; j++) {
+        pvl__load_f32(dt, base + slot_offset(c, ids[j / bs], 1, kvh, j % bs),
+                      vf, (size_t)d);
+        for (int32_t i = 0; i < grp; i++) {
+          double w = scores[(size_t)i * max_len + j];
+          for (int32_t e = 0; e < d; e++) acc[(size_t)i * d + e] += w * vf[e];
+        }
+      }
+      for (int32_t i = 0; i < grp; i++)
+        for (int32_t e = 0; e < d; e++)
+          qf[(size_t)i * d + e] =
+              len > 0 ? (float)(acc[(size_t)i * d + e] / sum[i]) : 0.0f;
+      pvl__store_f32(dt, qf, (char *)out + q0 * c->elem_size, nd);
+    }
+  }
+  return PVL_SUCCESS;
+}
+
+const pvl_backend_ops pvl__cpu_backend = {
+    .name = "cpu",
+    .init = cpu_init,
+    .fini = cpu_fini,
+    .copy_blocks = cpu_copy_blocks,
+    .gather = cpu_gather,
+    .write_range = cpu_write_range,
+    .read_range = cpu_read_range,
+    .plan_init = cpu_plan_init,
+    .plan_fini = cpu_plan_fini,
+    .plan_upload = cpu_plan_upload,
+    .plan_kv_write = cpu_plan_kv_write,
+    .attention = cpu_attention,
+};

@@ -1,0 +1,228 @@
+/* Internal types of libpagedvl: the cache, its pool, page tables, sequences,
+ * plans and the backend interface. Included by every libpagedvl/ module;
+ * never installed. */
+#ifndef PVL_INTERNAL_H
+#define PVL_INTERNAL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "pagedvl.h"
+#include "pvl_kernels.h"
+
+#define PVL_INTERNAL __attribute__((visibility("hidden")))
+
+/* ---- allocator seam (alloc.c) ---- */
+
+PVL_INTERNAL const pvl_allocator *pvl__default_allocator(void);
+PVL_INTERNAL void *pvl__alloc(const pvl_allocator *a, size_t size);
+PVL_INTERNAL void *pvl__alloc_aligned(const pvl_allocator *a, size_t size,
+                                      size_t align);
+PVL_INTERNAL void pvl__free(const pvl_allocator *a, void *p, size_t size);
+PVL_INTERNAL void pvl__free_aligned(const pvl_allocator *a, void *p,
+                                    size_t size, size_t align);
+/* Grows *p from old_n to new_n elements of elem bytes (alloc, copy, free):
+ * on failure *p is untouched and false is returned. */
+PVL_INTERNAL bool pvl__grow(const pvl_allocator *a, void **p, size_t elem,
+                            size_t old_n, size_t new_n);
+
+/* Overflow-checked size arithmetic. */
+static inline bool pvl__mul_ok(size_t a, size_t b, size_t *out) {
+  return !__builtin_mul_overflow(a, b, out);
+}
+
+/* ---- block pool (pool.c) ---- */
+
+typedef struct pvl_pool {
+  uint32_t num_blocks;
+  uint32_t num_free;
+  int32_t *free_stack; /* [num_blocks]; the top num_free entries are free */
+  uint32_t *refcount;  /* [num_blocks]; 0 = free */
+} pvl_pool;
+
+PVL_INTERNAL pvl_status pvl__pool_init(pvl_pool *p, const pvl_allocator *a,
+                                       uint32_t num_blocks);
+PVL_INTERNAL void pvl__pool_fini(pvl_pool *p, const pvl_allocator *a);
+/* Caller checked num_free > 0. */
+PVL_INTERNAL int32_t pvl__pool_alloc(pvl_pool *p);
+PVL_INTERNAL void pvl__pool_incref(pvl_pool *p, int32_t block);
+/* Drops one reference; the block returns to the free list at zero. Returns
+ * false (and changes nothing) for a free or out-of-range block. */
+PVL_INTERNAL bool pvl__pool_decref(pvl_pool *p, int32_t block);
+
+/* ---- page table of one (sequence, layer) (table.c) ---- */
+
+typedef struct pvl_table {
+  int32_t *blocks;   /* [cap_blocks] */
+  uint32_t *pos;     /* NULL: slot i is position i; else [cap_pos] */
+  uint32_t n_tokens;
+  uint32_t n_blocks; /* ceil(n_tokens / block_size) */
+  uint32_t cap_blocks;
+  uint32_t cap_pos;
+  uint64_t epoch; /* stamped on every change other than an append */
+} pvl_table;
+
+/* ---- sequences (seq.c) ---- */
+
+typedef struct pvl_seq {
+  pvl_seq_id id;
+  uint32_t n_prompt;
+  uint32_t n_decoded;
+  uint32_t n_spans;
+  pvl_span *spans;
+  pvl_table *tables; /* [num_layers] */
+  uint64_t mark;     /* duplicate detection within one batch call */
+} pvl_seq;
+
+/* ---- backend (backend_cpu.c, backend_cuda.c) ---- */
+
+typedef struct pvl_backend_ops {
+  const char *name;
+  /* Allocates the pool storage (cache->storage) for cache->cfg.num_blocks
+   * blocks, deriving num_blocks first if it is 0. */
+  pvl_status (*init)(pvl_cache *c);
+  void (*fini)(pvl_cache *c);
+  /* Copy-on-write: block dst[i] <- src[i] for i < n (host arrays). */
+  pvl_status (*copy_blocks)(pvl_cache *c, const int32_t *src,
+                            const int32_t *dst, uint32_t n, void *stream);
+  /* Compaction: token i -> block dst_blocks[i / bs] offset i % bs, from pool
+   * slot src_slots[i] (host arrays). */
+  pvl_status (*gather)(pvl_cache *c, const int64_t *src_slots,
+                       const int32_t *dst_blocks, uint32_t n, void *stream);
+  /* kv_write / kv_read over a table range (host block-id array). */
+  pvl_status (*write_range)(pvl_cache *c, const int32_t *blocks,
+                            uint32_t first, uint32_t n, const void *k,
+                            const void *v, void *stream);
+  pvl_status (*read_range)(const pvl_cache *c, const int32_t *blocks,
+                           uint32_t first, uint32_t n, void *k, void *v,
+                           void *stream);
+  /* Plan device buffers: allocate/free, apply (index, value) pairs. */
+  pvl_status (*plan_init)(pvl_plan *p);
+  void (*plan_fini)(pvl_plan *p);
+  pvl_status (*plan_upload)(pvl_plan *p, const int32_t *pairs, uint32_t n,
+                            void *stream);
+  pvl_status (*plan_kv_write)(pvl_plan *p, uint32_t layer, const void *k,
+                              const void *v, void *stream);
+  pvl_status (*attention)(pvl_plan *p, uint32_t layer, const void *q,
+                          void *out, float scale, void *stream);
+} pvl_backend_ops;
+
+PVL_INTERNAL extern const pvl_backend_ops pvl__cpu_backend;
+/* NULL when the library was built without CUDA. */
+PVL_INTERNAL const pvl_backend_ops *pvl__cuda_backend(void);
+
+/* ---- cache (cache.c) ---- */
+
+#define PVL_ERRMSG_LEN 512
+
+struct pvl_cache {
+  pvl_config cfg;
+  const pvl_allocator *alloc;
+  const pvl_backend_ops *be;
+  void *be_state; /* backend-private (CUDA: device info, scratch) */
+  pvl_kv_geom geom;
+  size_t elem_size;
+  size_t block_bytes;
+
+  pvl_pool pool;
+  void *storage; /* pool storage (host or device) */
+
+  /* Sequence slots: id = (generation << 32) | slot. */
+  pvl_seq **slots;        /* [max_seqs], NULL when free */
+  uint32_t *slot_gen;     /* [max_seqs] generation of the slot's last id */
+  uint32_t *free_slots;   /* [max_seqs] stack */
+  uint32_t num_free_slots;
+  uint32_t num_seqs;
+
+  uint64_t *layer_tokens; /* [num_layers] tokens held per layer */
+  uint64_t epoch_clock;   /* source of pvl_table.epoch stamps */
+  uint64_t mark_clock;    /* source of pvl_seq.mark stamps */
+
+  /* Scratch for multi-step calls (append, retain), grown on demand. */
+  void *scratch;
+  size_t scratch_bytes;
+
+  struct pvl_plan *plans; /* live plans, destroyed with the cache */
+
+  char err[PVL_ERRMSG_LEN];
+};
+
+/* Records the error message for `c` (may be NULL) and returns `st`. */
+PVL_INTERNAL pvl_status pvl__fail(const pvl_cache *c, pvl_status st,
+                                  const char *fn, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+#define PVL_FAIL(c, st, ...) pvl__fail((c), (st), __func__, __VA_ARGS__)
+
+/* Ensures the scratch buffer holds `bytes`; NULL on allocation failure. */
+PVL_INTERNAL void *pvl__scratch(pvl_cache *c, size_t bytes);
+
+/* Resolves a seq id; NULL if unknown (no error recorded). */
+PVL_INTERNAL pvl_seq *pvl__seq_get(const pvl_cache *c, pvl_seq_id id);
+/* Frees every sequence (cache destruction). */
+PVL_INTERNAL void pvl__seq_free_all(pvl_cache *c);
+/* Resolves a batch of ids, rejecting unknown ids and duplicates; on success
+ * out[i] is the sequence of ids[i]. Records the error. */
+PVL_INTERNAL pvl_status pvl__seq_resolve_batch(pvl_cache *c,
+                                               const pvl_seq_id *ids,
+                                               uint32_t n, pvl_seq **out,
+                                               const char *fn);
+
+/* ---- plans (plan.c) ---- */
+
+typedef struct pvl_plan_row {
+  pvl_seq_id seq;  /* 0 = empty */
+  uint64_t epoch;  /* table epoch when the row was written */
+  int32_t offset;  /* start in the layer's id array */
+  uint32_t cap;    /* ids reserved for the row */
+  uint32_t synced; /* ids of the table already on the device */
+  int32_t base;    /* base_len on the device */
+} pvl_plan_row;
+
+struct pvl_plan {
+  pvl_cache *cache;
+  struct pvl_plan *next; /* cache's list of plans */
+  uint32_t max_seqs;
+  uint32_t n_seqs;
+  uint64_t block_cap;
+  pvl_plan_view view;     /* buf is device (or host) memory */
+  void *be_state;         /* backend-private (device buffer, workspace) */
+  int32_t *host_buf;      /* CPU backend: the plan buffer itself */
+  pvl_plan_row *rows;     /* [num_layers][max_seqs] */
+  int32_t *n_appended;    /* [max_seqs] as on the device */
+  pvl_seq **seqs;         /* [max_seqs] sequences of the last build */
+  uint64_t *layer_used;   /* [num_layers] bump pointer in the id array */
+  uint8_t *action;        /* [num_layers][max_seqs] scratch for builds */
+  uint8_t *repack;        /* [num_layers] scratch for builds */
+  bool stale;             /* device buffer may disagree: rewrite all */
+  int32_t *pairs;         /* staging (index, value) pairs */
+  size_t pairs_cap;       /* in pairs */
+  pvl_plan_info info;
+};
+
+PVL_INTERNAL void pvl__plan_destroy_all(pvl_cache *c);
+
+/* ---- dtype conversion (dtype.c) ---- */
+
+PVL_INTERNAL float pvl__f16_to_f32(uint16_t h);
+PVL_INTERNAL uint16_t pvl__f32_to_f16(float f);
+PVL_INTERNAL float pvl__bf16_to_f32(uint16_t h);
+PVL_INTERNAL uint16_t pvl__f32_to_bf16(float f);
+/* Loads n elements of `dtype` at src into fp32 dst, and the reverse. */
+PVL_INTERNAL void pvl__load_f32(pvl_dtype dtype, const void *src, float *dst,
+                                size_t n);
+PVL_INTERNAL void pvl__store_f32(pvl_dtype dtype, const float *src, void *dst,
+                                 size_t n);
+
+/* ---- invariant checks for tests (check.c) ---- */
+
+/* Verifies every invariant of the cache: each block is free XOR referenced
+ * exactly refcount times by the live tables; the free list has no
+ * duplicates; tables' block counts match their token counts; per-layer
+ * token sums match. Writes the first violation into msg. Exported under the
+ * internal prefix so tests linking the static library can call it. */
+PVL_INTERNAL pvl_status pvl__cache_check(const pvl_cache *c, char *msg,
+                                         size_t msg_len);
+PVL_INTERNAL uint32_t pvl__block_refcount(const pvl_cache *c, int32_t block);
+
+#endif /* PVL_INTERNAL_H */

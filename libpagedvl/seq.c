@@ -1,0 +1,657 @@
+/* Sequences and their per-layer page tables: admission, append (with
+ * copy-on-write), fork, retain (compaction), free, and the queries a
+ * scheduler asks. Every mutating call validates and allocates first and
+ * commits last, so a failure leaves the cache as it was. */
+#include <string.h>
+
+#include "internal.h"
+
+#define SEQ_SLOT(id) ((uint32_t)((id) & 0xffffffffu))
+#define SEQ_GEN(id) ((uint32_t)((id) >> 32))
+
+static inline uint32_t ceil_div(uint32_t a, uint32_t b) {
+  return a / b + (a % b != 0);
+}
+
+pvl_seq *pvl__seq_get(const pvl_cache *c, pvl_seq_id id) {
+  uint32_t slot = SEQ_SLOT(id);
+  if (slot >= c->cfg.max_seqs) return NULL;
+  pvl_seq *s = c->slots[slot];
+  return s && s->id == id ? s : NULL;
+}
+
+static pvl_status lookup(const pvl_cache *c, pvl_seq_id id, pvl_seq **out,
+                         const char *fn) {
+  pvl_seq *s = pvl__seq_get(c, id);
+  if (!s)
+    return pvl__fail(c, PVL_ERR_UNKNOWN_SEQUENCE, fn,
+                     "sequence 0x%llx is not live", (unsigned long long)id);
+  *out = s;
+  return PVL_SUCCESS;
+}
+
+static pvl_status lookup_layer(const pvl_cache *c, pvl_seq_id id,
+                               uint32_t layer, pvl_table **out,
+                               const char *fn) {
+  if (layer >= c->cfg.num_layers)
+    return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn,
+                     "layer %u out of range (num_layers = %u)", layer,
+                     c->cfg.num_layers);
+  pvl_seq *s = NULL;
+  pvl_status st = lookup(c, id, &s, fn);
+  if (st != PVL_SUCCESS) return st;
+  *out = &s->tables[layer];
+  return PVL_SUCCESS;
+}
+
+pvl_status pvl__seq_resolve_batch(pvl_cache *c, const pvl_seq_id *ids,
+                                  uint32_t n, pvl_seq **out, const char *fn) {
+  if (n > 0 && !ids)
+    return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn, "seqs is NULL, n = %u",
+                     n);
+  uint64_t mark = ++c->mark_clock;
+  for (uint32_t i = 0; i < n; i++) {
+    pvl_seq *s = pvl__seq_get(c, ids[i]);
+    if (!s)
+      return pvl__fail(c, PVL_ERR_UNKNOWN_SEQUENCE, fn,
+                       "seqs[%u] = 0x%llx is not live", i,
+                       (unsigned long long)ids[i]);
+    if (s->mark == mark)
+      return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn,
+                       "seqs[%u] = 0x%llx appears twice in the batch", i,
+                       (unsigned long long)ids[i]);
+    s->mark = mark;
+    if (out) out[i] = s;
+  }
+  return PVL_SUCCESS;
+}
+
+/* ---- tables ---- */
+
+static void table_release(pvl_cache *c, pvl_table *t, uint32_t layer) {
+  for (uint32_t i = 0; i < t->n_blocks; i++)
+    pvl__pool_decref(&c->pool, t->blocks[i]);
+  c->layer_tokens[layer] -= t->n_tokens;
+  pvl__free(c->alloc, t->blocks, (size_t)t->cap_blocks * sizeof(int32_t));
+  pvl__free(c->alloc, t->pos, (size_t)t->cap_pos * sizeof(uint32_t));
+  memset(t, 0, sizeof(*t));
+}
+
+/* Room for one more block id (and position) in t; harmless on its own. */
+static bool table_reserve_append(pvl_cache *c, pvl_table *t, uint32_t bs) {
+  bool need_block = t->n_tokens % bs == 0;
+  if (need_block && t->n_blocks == t->cap_blocks) {
+    uint32_t cap = t->cap_blocks + t->cap_blocks / 2 + 4;
+    if (!pvl__grow(c->alloc, (void **)&t->blocks, sizeof(int32_t),
+                   t->cap_blocks, cap))
+      return false;
+    t->cap_blocks = cap;
+  }
+  if (t->pos && t->n_tokens == t->cap_pos) {
+    uint32_t cap = t->cap_pos + t->cap_pos / 2 + 16;
+    if (!pvl__grow(c->alloc, (void **)&t->pos, sizeof(uint32_t), t->cap_pos,
+                   cap))
+      return false;
+    t->cap_pos = cap;
+  }
+  return true;
+}
+
+static void seq_destroy(pvl_cache *c, pvl_seq *s) {
+  if (s->tables) {
+    for (uint32_t l = 0; l < c->cfg.num_layers; l++)
+      table_release(c, &s->tables[l], l);
+    pvl__free(c->alloc, s->tables, c->cfg.num_layers * sizeof(pvl_table));
+  }
+  pvl__free(c->alloc, s->spans, s->n_spans * sizeof(pvl_span));
+  pvl__free(c->alloc, s, sizeof(*s));
+}
+
+/* A sequence struct with zeroed tables and a copy of the spans, not yet
+ * registered and holding no blocks. */
+static pvl_seq *seq_new(pvl_cache *c, const pvl_span *spans,
+                        uint32_t n_spans) {
+  pvl_seq *s = pvl__alloc(c->alloc, sizeof(*s));
+  if (!s) return NULL;
+  memset(s, 0, sizeof(*s));
+  s->tables = pvl__alloc(c->alloc, c->cfg.num_layers * sizeof(pvl_table));
+  if (n_spans) s->spans = pvl__alloc(c->alloc, n_spans * sizeof(pvl_span));
+  if (!s->tables || (n_spans && !s->spans)) {
+    pvl__free(c->alloc, s->tables, c->cfg.num_layers * sizeof(pvl_table));
+    pvl__free(c->alloc, s->spans, n_spans * sizeof(pvl_span));
+    pvl__free(c->alloc, s, sizeof(*s));
+    return NULL;
+  }
+  memset(s->tables, 0, c->cfg.num_layers * sizeof(pvl_table));
+  s->n_spans = n_spans;
+  if (n_spans) memcpy(s->spans, spans, n_spans * sizeof(pvl_span));
+  return s;
+}
+
+static void seq_register(pvl_cache *c, pvl_seq *s) {
+  uint32_t slot = c->free_slots[--c->num_free_slots];
+  uint32_t gen = ++c->slot_gen[slot];
+  if (gen == 0) gen = c->slot_gen[slot] = 1; /* id 0 is never issued */
+  s->id = ((uint64_t)gen << 32) | slot;
+  c->slots[slot] = s;
+  c->num_seqs++;
+}
+
+static void seq_unregister(pvl_cache *c, pvl_seq *s) {
+  uint32_t slot = SEQ_SLOT(s->id);
+  c->slots[slot] = NULL;
+  c->free_slots[c->num_free_slots++] = slot;
+  c->num_seqs--;
+}
+
+void pvl__seq_free_all(pvl_cache *c) {
+  for (uint32_t i = 0; i < c->cfg.max_seqs; i++) {
+    pvl_seq *s = c->slots[i];
+    if (!s) continue;
+    seq_unregister(c, s);
+    seq_destroy(c, s);
+  }
+}
+
+/* ---- admission ---- */
+
+static pvl_status check_spans(const pvl_cache *c, uint32_t n_prompt,
+                              const pvl_span *v, uint32_t n) {
+  if (n > 0 && !v)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "visual is NULL, n = %u", n);
+  if (n > n_prompt)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
+                    "%u visual spans for %u prompt tokens", n, n_prompt);
+  for (uint32_t i = 0; i < n; i++) {
+    if (v[i].begin >= v[i].end || v[i].end > n_prompt)
+      return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
+                      "visual[%u] = [%u, %u) is empty or outside the prompt "
+                      "[0, %u)",
+                      i, v[i].begin, v[i].end, n_prompt);
+    if (i > 0 && v[i].begin < v[i - 1].end)
+      return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
+                      "visual[%u] = [%u, %u) overlaps or precedes visual[%u]",
+                      i, v[i].begin, v[i].end, i - 1);
+  }
+  return PVL_SUCCESS;
+}
+
+pvl_status pvl_seq_add(pvl_cache *c, uint32_t n_prompt,
+                       const pvl_span *visual, uint32_t n_visual,
+                       pvl_seq_id *out) {
+  if (!c || !out)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache or out is NULL");
+  if (n_prompt == 0)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "n_prompt = 0");
+  pvl_status st = check_spans(c, n_prompt, visual, n_visual);
+  if (st != PVL_SUCCESS) return st;
+
+  const uint32_t L = c->cfg.num_layers, bs = c->cfg.block_size;
+  const uint32_t nb = ceil_div(n_prompt, bs);
+  const uint64_t need = (uint64_t)nb * L;
+  if (need > c->pool.num_free)
+    return PVL_FAIL(c, PVL_ERR_OUT_OF_BLOCKS,
+                    "%u prompt tokens need %llu blocks, %u free", n_prompt,
+                    (unsigned long long)need, c->pool.num_free);
+  if (c->num_free_slots == 0)
+    return PVL_FAIL(c, PVL_ERR_CAPACITY, "max_seqs = %u sequences are live",
+                    c->cfg.max_seqs);
+
+  pvl_seq *s = seq_new(c, visual, n_visual);
+  if (!s) return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "sequence metadata");
+  /* Slack for the first decode blocks, so early appends do not regrow. */
+  const uint32_t cap = nb + 4;
+  for (uint32_t l = 0; l < L; l++) {
+    s->tables[l].blocks = pvl__alloc(c->alloc, cap * sizeof(int32_t));
+    if (!s->tables[l].blocks) {
+      for (uint32_t j = 0; j <= l; j++)
+        pvl__free(c->alloc, s->tables[j].blocks, cap * sizeof(int32_t));
+      pvl__free(c->alloc, s->tables, L * sizeof(pvl_table));
+      pvl__free(c->alloc, s->spans, n_visual * sizeof(pvl_span));
+      pvl__free(c->alloc, s, sizeof(*s));
+      return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "page table of layer %u", l);
+    }
+    s->tables[l].cap_blocks = cap;
+  }
+  /* Commit: nothing below fails. */
+  for (uint32_t l = 0; l < L; l++) {
+    pvl_table *t = &s->tables[l];
+    for (uint32_t i = 0; i < nb; i++) t->blocks[i] = pvl__pool_alloc(&c->pool);
+    t->n_blocks = nb;
+    t->n_tokens = n_prompt;
+    t->epoch = ++c->epoch_clock;
+    c->layer_tokens[l] += n_prompt;
+  }
+  s->n_prompt = n_prompt;
+  seq_register(c, s);
+  *out = s->id;
+  return PVL_SUCCESS;
+}
+
+pvl_status pvl_seq_free(pvl_cache *c, pvl_seq_id id) {
+  if (!c) return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache is NULL");
+  pvl_seq *s = NULL;
+  pvl_status st = lookup(c, id, &s, __func__);
+  if (st != PVL_SUCCESS) return st;
+  seq_unregister(c, s);
+  seq_destroy(c, s);
+  return PVL_SUCCESS;
+}
+
+pvl_status pvl_seq_fork(pvl_cache *c, pvl_seq_id parent, pvl_seq_id *child) {
+  if (!c || !child)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache or child is NULL");
+  pvl_seq *p = NULL;
+  pvl_status st = lookup(c, parent, &p, __func__);
+  if (st != PVL_SUCCESS) return st;
+  if (c->num_free_slots == 0)
+    return PVL_FAIL(c, PVL_ERR_CAPACITY, "max_seqs = %u sequences are live",
+                    c->cfg.max_seqs);
+  const uint32_t L = c->cfg.num_layers;
+  pvl_seq *s = seq_new(c, p->spans, p->n_spans);
+  if (!s) return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "sequence metadata");
+  for (uint32_t l = 0; l < L; l++) {
+    const pvl_table *pt = &p->tables[l];
+    pvl_table *t = &s->tables[l];
+    t->cap_blocks = pt->n_blocks + 4;
+    t->blocks = pvl__alloc(c->alloc, t->cap_blocks * sizeof(int32_t));
+    if (pt->pos) {
+      t->cap_pos = pt->n_tokens + 16;
+      t->pos = pvl__alloc(c->alloc, t->cap_pos * sizeof(uint32_t));
+    }
+    if (!t->blocks || (pt->pos && !t->pos)) {
+      /* Tables hold no blocks yet: free arrays only. */
+      for (uint32_t j = 0; j <= l; j++) {
+        pvl_table *u = &s->tables[j];
+        pvl__free(c->alloc, u->blocks, u->cap_blocks * sizeof(int32_t));
+        pvl__free(c->alloc, u->pos, u->cap_pos * sizeof(uint32_t));
+      }
+      pvl__free(c->alloc, s->tables, L * sizeof(pvl_table));
+      pvl__free(c->alloc, s->spans, s->n_spans * sizeof(pvl_span));
+      pvl__free(c->alloc, s, sizeof(*s));
+      return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "page table of layer %u", l);
+    }
+  }
+  for (uint32_t l = 0; l < L; l++) {
+    const pvl_table *pt = &p->tables[l];
+    pvl_table *t = &s->tables[l];
+    memcpy(t->blocks, pt->blocks, pt->n_blocks * sizeof(int32_t));
+    if (pt->pos) memcpy(t->pos, pt->pos, pt->n_tokens * sizeof(uint32_t));
+    for (uint32_t i = 0; i < pt->n_blocks; i++)
+      pvl__pool_incref(&c->pool, pt->blocks[i]);
+    t->n_blocks = pt->n_blocks;
+    t->n_tokens = pt->n_tokens;
+    t->epoch = ++c->epoch_clock;
+    c->layer_tokens[l] += pt->n_tokens;
+  }
+  s->n_prompt = p->n_prompt;
+  s->n_decoded = p->n_decoded;
+  seq_register(c, s);
+  *child = s->id;
+  return PVL_SUCCESS;
+}
+
+/* ---- decode append ---- */
+
+enum { APPEND_IN_PLACE = 0, APPEND_NEW_BLOCK = 1, APPEND_COW = 2 };
+
+static int append_kind(const pvl_cache *c, const pvl_table *t) {
+  if (t->n_tokens % c->cfg.block_size == 0) return APPEND_NEW_BLOCK;
+  if (c->pool.refcount[t->blocks[t->n_blocks - 1]] > 1) return APPEND_COW;
+  return APPEND_IN_PLACE;
+}
+
+pvl_status pvl_blocks_for_append(const pvl_cache *c, const pvl_seq_id *seqs,
+                                 uint32_t n, uint64_t *out) {
+  if (!c || !out)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache or out is NULL");
+  if (n > 0 && !seqs)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "seqs is NULL, n = %u", n);
+  uint64_t need = 0;
+  for (uint32_t i = 0; i < n; i++) {
+    pvl_seq *s = NULL;
+    pvl_status st = lookup(c, seqs[i], &s, __func__);
+    if (st != PVL_SUCCESS) return st;
+    for (uint32_t l = 0; l < c->cfg.num_layers; l++)
+      need += append_kind(c, &s->tables[l]) != APPEND_IN_PLACE;
+  }
+  *out = need;
+  return PVL_SUCCESS;
+}
+
+pvl_status pvl_seq_append(pvl_cache *c, const pvl_seq_id *seqs, uint32_t n,
+                          void *stream) {
+  if (!c) return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache is NULL");
+  pvl_status st = pvl__seq_resolve_batch(c, seqs, n, NULL, __func__);
+  if (st != PVL_SUCCESS) return st;
+  const uint32_t L = c->cfg.num_layers, bs = c->cfg.block_size;
+  const size_t n_tables = (size_t)n * L;
+
+  /* The kind of every (sequence, layer) append is decided once, up front: a
+   * sequence and its fork in one batch both see their shared last block as
+   * shared, and both copy it, whatever order they commit in. */
+  uint8_t *kind = pvl__scratch(c, n_tables * (1 + 2 * sizeof(int32_t)) + 4);
+  if (!kind)
+    return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "append scratch for %zu tables",
+                    n_tables);
+  int32_t *cow = (int32_t *)(kind + ((n_tables + 3) & ~(size_t)3));
+
+  /* Pass 1: classify, count, and make room in the tables (capacity growth
+   * changes no observable state, so it may stay on failure). */
+  uint64_t need = 0, n_cow = 0;
+  for (uint32_t i = 0; i < n; i++) {
+    pvl_seq *s = pvl__seq_get(c, seqs[i]);
+    if (s->n_prompt + s->n_decoded == UINT32_MAX)
+      return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
+                      "sequence 0x%llx has reached position UINT32_MAX",
+                      (unsigned long long)s->id);
+    for (uint32_t l = 0; l < L; l++) {
+      pvl_table *t = &s->tables[l];
+      int k = append_kind(c, t);
+      kind[(size_t)i * L + l] = (uint8_t)k;
+      need += k != APPEND_IN_PLACE;
+      n_cow += k == APPEND_COW;
+      if (!table_reserve_append(c, t, bs))
+        return PVL_FAIL(c, PVL_ERR_NO_MEMORY,
+                        "growing the page table of layer %u", l);
+    }
+  }
+  if (need > c->pool.num_free)
+    return PVL_FAIL(c, PVL_ERR_OUT_OF_BLOCKS,
+                    "the batch of %u sequences needs %llu blocks, %u free", n,
+                    (unsigned long long)need, c->pool.num_free);
+
+  /* Pass 2: copy-on-write copies are queued before anything commits, so a
+   * failing copy can still be undone. */
+  if (n_cow) {
+    uint64_t k = 0;
+    for (uint32_t i = 0; i < n; i++) {
+      pvl_seq *s = pvl__seq_get(c, seqs[i]);
+      for (uint32_t l = 0; l < L; l++) {
+        if (kind[(size_t)i * L + l] != APPEND_COW) continue;
+        pvl_table *t = &s->tables[l];
+        cow[k] = t->blocks[t->n_blocks - 1];
+        cow[n_cow + k] = pvl__pool_alloc(&c->pool);
+        k++;
+      }
+    }
+    st = c->be->copy_blocks(c, cow, cow + n_cow, (uint32_t)n_cow, stream);
+    if (st != PVL_SUCCESS) {
+      for (uint64_t j = 0; j < n_cow; j++)
+        pvl__pool_decref(&c->pool, cow[n_cow + j]);
+      return st;
+    }
+  }
+
+  /* Pass 3: commit, consuming the copies in pass-2 order. */
+  uint64_t k = 0;
+  for (uint32_t i = 0; i < n; i++) {
+    pvl_seq *s = pvl__seq_get(c, seqs[i]);
+    uint32_t position = s->n_prompt + s->n_decoded;
+    for (uint32_t l = 0; l < L; l++) {
+      pvl_table *t = &s->tables[l];
+      switch (kind[(size_t)i * L + l]) {
+      case APPEND_NEW_BLOCK:
+        t->blocks[t->n_blocks++] = pvl__pool_alloc(&c->pool);
+        break;
+      case APPEND_COW:
+        pvl__pool_decref(&c->pool, t->blocks[t->n_blocks - 1]);
+        t->blocks[t->n_blocks - 1] = cow[n_cow + k++];
+        t->epoch = ++c->epoch_clock;
+        break;
+      default:
+        break;
+      }
+      if (t->pos) t->pos[t->n_tokens] = position;
+      t->n_tokens++;
+      c->layer_tokens[l]++;
+    }
+    s->n_decoded++;
+  }
+  return PVL_SUCCESS;
+}
+
+/* ---- retain (compaction) ---- */
+
+pvl_status pvl_seq_retain(pvl_cache *c, pvl_seq_id id, uint32_t layer,
+                          const uint32_t *keep, uint32_t n_keep,
+                          void *stream) {
+  if (!c) return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache is NULL");
+  pvl_table *t = NULL;
+  pvl_status st = lookup_layer(c, id, layer, &t, __func__);
+  if (st != PVL_SUCCESS) return st;
+  if (n_keep > 0 && !keep)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "keep is NULL, n_keep = %u",
+                    n_keep);
+  if (n_keep > t->n_tokens)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
+                    "n_keep = %u exceeds the layer's %u tokens", n_keep,
+                    t->n_tokens);
+  for (uint32_t i = 0; i < n_keep; i++) {
+    if (keep[i] >= t->n_tokens || (i > 0 && keep[i] <= keep[i - 1]))
+      return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
+                      "keep[%u] = %u: slots must be strictly ascending and "
+                      "below %u",
+                      i, keep[i], t->n_tokens);
+  }
+  const uint32_t bs = c->cfg.block_size;
+  /* Slots [0, p) stay where they are; whole blocks before p/bs are kept as
+   * they are, the rest of the kept tokens are gathered into fresh blocks. */
+  uint32_t p = 0;
+  while (p < n_keep && keep[p] == p) p++;
+  const bool moves = p < n_keep;
+  const uint32_t n_final = ceil_div(n_keep, bs);
+  const uint32_t n_stay = moves ? p / bs : n_final;
+  const uint32_t n_new = n_final - n_stay;
+  if (n_new > c->pool.num_free)
+    return PVL_FAIL(c, PVL_ERR_OUT_OF_BLOCKS,
+                    "compacting %u tokens needs %u free blocks, %u free",
+                    n_keep, n_new, c->pool.num_free);
+
+  /* Allocate everything before committing. */
+  uint32_t *new_pos = NULL;
+  uint32_t new_cap_pos = 0;
+  const bool identity = !moves && !t->pos;
+  if (!identity) {
+    new_cap_pos = n_keep + 16;
+    new_pos = pvl__alloc(c->alloc, new_cap_pos * sizeof(uint32_t));
+    if (!new_pos) return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "position map");
+  }
+  const uint32_t n_moved = moves ? n_keep - n_stay * bs : 0;
+  int64_t *src = NULL;
+  int32_t *dst = NULL;
+  if (n_moved) {
+    size_t bytes = (size_t)n_moved * sizeof(int64_t) +
+                   (size_t)n_new * sizeof(int32_t);
+    src = pvl__scratch(c, bytes);
+    if (!src) {
+      pvl__free(c->alloc, new_pos, new_cap_pos * sizeof(uint32_t));
+      return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "compaction list of %u tokens",
+                      n_moved);
+    }
+    dst = (int32_t *)(src + n_moved);
+    for (uint32_t i = 0; i < n_moved; i++) {
+      uint32_t from = keep[n_stay * bs + i];
+      src[i] = (int64_t)t->blocks[from / bs] * bs + from % bs;
+    }
+    for (uint32_t j = 0; j < n_new; j++) dst[j] = pvl__pool_alloc(&c->pool);
+    st = c->be->gather(c, src, dst, n_moved, stream);
+    if (st != PVL_SUCCESS) {
+      for (uint32_t j = 0; j < n_new; j++) pvl__pool_decref(&c->pool, dst[j]);
+      pvl__free(c->alloc, new_pos, new_cap_pos * sizeof(uint32_t));
+      return st;
+    }
+  }
+
+  /* Commit. */
+  if (new_pos)
+    for (uint32_t i = 0; i < n_keep; i++)
+      new_pos[i] = t->pos ? t->pos[keep[i]] : keep[i];
+  for (uint32_t j = n_stay; j < t->n_blocks; j++)
+    pvl__pool_decref(&c->pool, t->blocks[j]);
+  for (uint32_t j = 0; j < n_new; j++) t->blocks[n_stay + j] = dst[j];
+  c->layer_tokens[layer] -= t->n_tokens - n_keep;
+  t->n_tokens = n_keep;
+  t->n_blocks = n_final;
+  if (!identity) {
+    pvl__free(c->alloc, t->pos, t->cap_pos * sizeof(uint32_t));
+    t->pos = new_pos;
+    t->cap_pos = new_cap_pos;
+  }
+  t->epoch = ++c->epoch_clock;
+  return PVL_SUCCESS;
+}
+
+/* ---- data ---- */
+
+static pvl_status check_range(const pvl_cache *c, const pvl_table *t,
+                              uint32_t first, uint32_t n, const void *k,
+                              const void *v, const char *fn) {
+  if (n > 0 && (!k || !v))
+    return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn, "k or v is NULL");
+  if (first > t->n_tokens || n > t->n_tokens - first)
+    return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn,
+                     "slots [%u, %u + %u) outside the layer's %u tokens",
+                     first, first, n, t->n_tokens);
+  return PVL_SUCCESS;
+}
+
+pvl_status pvl_kv_write(pvl_cache *c, pvl_seq_id id, uint32_t layer,
+                        uint32_t first, uint32_t n, const void *k,
+                        const void *v, void *stream) {
+  if (!c) return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache is NULL");
+  pvl_table *t = NULL;
+  pvl_status st = lookup_layer(c, id, layer, &t, __func__);
+  if (st == PVL_SUCCESS) st = check_range(c, t, first, n, k, v, __func__);
+  if (st != PVL_SUCCESS || n == 0) return st;
+  const uint32_t bs = c->cfg.block_size;
+  const uint32_t b0 = first / bs, b1 = (first + n - 1) / bs;
+  for (uint32_t b = b0; b <= b1; b++)
+    if (c->pool.refcount[t->blocks[b]] > 1)
+      return PVL_FAIL(c, PVL_ERR_BAD_STATE,
+                      "block %d (slot %u of layer %u) is shared with a fork "
+                      "and read-only",
+                      t->blocks[b], b * bs, layer);
+  return c->be->write_range(c, t->blocks + b0, first % bs, n, k, v, stream);
+}
+
+pvl_status pvl_kv_read(const pvl_cache *c, pvl_seq_id id, uint32_t layer,
+                       uint32_t first, uint32_t n, void *k, void *v,
+                       void *stream) {
+  if (!c) return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache is NULL");
+  pvl_table *t = NULL;
+  pvl_status st = lookup_layer(c, id, layer, &t, __func__);
+  if (st == PVL_SUCCESS) st = check_range(c, t, first, n, k, v, __func__);
+  if (st != PVL_SUCCESS || n == 0) return st;
+  const uint32_t bs = c->cfg.block_size;
+  return c->be->read_range(c, t->blocks + first / bs, first % bs, n, k, v,
+                           stream);
+}
+
+/* ---- queries ---- */
+
+pvl_status pvl_seq_get_info(const pvl_cache *c, pvl_seq_id id,
+                            pvl_seq_info *out) {
+  if (!c || !out)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache or out is NULL");
+  pvl_seq *s = NULL;
+  pvl_status st = lookup(c, id, &s, __func__);
+  if (st != PVL_SUCCESS) return st;
+  pvl_seq_info info;
+  memset(&info, 0, sizeof(info));
+  info.n_prompt = s->n_prompt;
+  info.n_decoded = s->n_decoded;
+  info.position = s->n_prompt + s->n_decoded;
+  info.n_visual_spans = s->n_spans;
+  info.min_tokens = UINT32_MAX;
+  for (uint32_t l = 0; l < c->cfg.num_layers; l++) {
+    const pvl_table *t = &s->tables[l];
+    if (t->n_tokens < info.min_tokens) info.min_tokens = t->n_tokens;
+    if (t->n_tokens > info.max_tokens) info.max_tokens = t->n_tokens;
+    info.total_tokens += t->n_tokens;
+    info.total_blocks += t->n_blocks;
+  }
+  *out = info;
+  return PVL_SUCCESS;
+}
+
+pvl_status pvl_seq_layer_size(const pvl_cache *c, pvl_seq_id id,
+                              uint32_t layer, uint32_t *n_tokens,
+                              uint32_t *n_blocks) {
+  if (!c || !n_tokens || !n_blocks)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "NULL argument");
+  pvl_table *t = NULL;
+  pvl_status st = lookup_layer(c, id, layer, &t, __func__);
+  if (st != PVL_SUCCESS) return st;
+  *n_tokens = t->n_tokens;
+  *n_blocks = t->n_blocks;
+  return PVL_SUCCESS;
+}
+
+pvl_status pvl_seq_blocks(const pvl_cache *c, pvl_seq_id id, uint32_t layer,
+                          int32_t *ids, uint32_t cap, uint32_t *n) {
+  if (!c || !n || (cap > 0 && !ids))
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "NULL argument");
+  pvl_table *t = NULL;
+  pvl_status st = lookup_layer(c, id, layer, &t, __func__);
+  if (st != PVL_SUCCESS) return st;
+  if (cap < t->n_blocks)
+    return PVL_FAIL(c, PVL_ERR_CAPACITY, "cap = %u < %u blocks", cap,
+                    t->n_blocks);
+  memcpy(ids, t->blocks, t->n_blocks * sizeof(int32_t));
+  *n = t->n_blocks;
+  return PVL_SUCCESS;
+}
+
+pvl_status pvl_seq_positions(const pvl_cache *c, pvl_seq_id id,
+                             uint32_t layer, uint32_t *pos, uint32_t cap,
+                             uint32_t *n) {
+  if (!c || !n || (cap > 0 && !pos))
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "NULL argument");
+  pvl_table *t = NULL;
+  pvl_status st = lookup_layer(c, id, layer, &t, __func__);
+  if (st != PVL_SUCCESS) return st;
+  if (cap < t->n_tokens)
+    return PVL_FAIL(c, PVL_ERR_CAPACITY, "cap = %u < %u tokens", cap,
+                    t->n_tokens);
+  for (uint32_t i = 0; i < t->n_tokens; i++) pos[i] = t->pos ? t->pos[i] : i;
+  *n = t->n_tokens;
+  return PVL_SUCCESS;
+}
+
+pvl_status pvl_seq_visual_spans(const pvl_cache *c, pvl_seq_id id,
+                                pvl_span *spans, uint32_t cap, uint32_t *n) {
+  if (!c || !n || (cap > 0 && !spans))
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "NULL argument");
+  pvl_seq *s = NULL;
+  pvl_status st = lookup(c, id, &s, __func__);
+  if (st != PVL_SUCCESS) return st;
+  uint32_t k = s->n_spans < cap ? s->n_spans : cap;
+  if (k) memcpy(spans, s->spans, k * sizeof(pvl_span));
+  *n = s->n_spans;
+  return PVL_SUCCESS;
+}
+
+pvl_status pvl_blocks_for_prompt(const pvl_cache *c, uint32_t n_prompt,
+                                 uint64_t *out) {
+  if (!c || !out)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache or out is NULL");
+  *out = (uint64_t)ceil_div(n_prompt, c->cfg.block_size) * c->cfg.num_layers;
+  return PVL_SUCCESS;
+}
+
+pvl_status pvl_can_add(const pvl_cache *c, uint32_t n_prompt,
+                       pvl_admit *out) {
+  uint64_t need;
+  pvl_status st = pvl_blocks_for_prompt(c, n_prompt, &need);
+  if (st != PVL_SUCCESS) return st;
+  if (n_prompt == 0)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "n_prompt = 0");
+  if (need > c->pool.num_blocks)
+    *out = PVL_ADMIT_NEVER;
+  else if (need > c->pool.num_free || c->num_free_slots == 0)
+    *out = PVL_ADMIT_LATER;
+  else
+    *out = PVL_ADMIT_OK;
+  return PVL_SUCCESS;
+}
