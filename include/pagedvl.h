@@ -182,8 +182,9 @@ PVL_API pvl_status pvl_cache_config(const pvl_cache *cache, pvl_config *out);
  * the next failing call. NULL cache: a static message. */
 PVL_API const char *pvl_cache_last_error(const pvl_cache *cache);
 
-/* Message of the last failing pvl_cache_create in this library, for when no
- * cache exists to ask. Not thread-safe across concurrent creates. */
+/* Message of the last failing call of the calling thread that had no cache
+ * to record it in: pvl_cache_create, pvl_config_init and the pvl_policy_*
+ * functions. Thread-local; valid until that thread's next such failure. */
 PVL_API const char *pvl_create_last_error(void);
 
 /* ------------------------------------------------------------------------ */
@@ -402,6 +403,213 @@ PVL_API pvl_status pvl_plan_kv_write(pvl_plan *plan, uint32_t layer,
 PVL_API pvl_status pvl_attention_decode(pvl_plan *plan, uint32_t layer,
                                         const void *q, void *out, float scale,
                                         void *stream);
+
+/* ------------------------------------------------------------------------ */
+/* Compression: policies, observation, compress                             */
+/* ------------------------------------------------------------------------ */
+/*
+ * A policy is a budget allocator (how many prompt tokens each layer keeps) x
+ * a scorer (which ones). VL-Cache (Tu et al., ICLR 2025, arXiv 2410.23317)
+ * is the sparsity-aware allocator x the post-vision scorer; the baselines
+ * follow kvpress's conventions so numbers are comparable.
+ *
+ * Flow for one request, after pvl_seq_add:
+ *   1. pvl_policy_rows(policy, cache, seq, &first, &n) says which prompt
+ *      queries the policy needs (VL-Cache: the post-vision window; H2O: all
+ *      of them; SnapKV/PyramidKV: the last snap_window; others: none).
+ *   2. For each layer, once its K is written: pvl_observe(cache, seq, layer,
+ *      q, first, n, ...) with those query rows (after RoPE). It computes,
+ *      blockwise from the cached K and without materializing attention, the
+ *      layer's threshold counts (Eq. 1-2) and per-key attention sums.
+ *      Observing in several chunks of rows accumulates.
+ *   3. pvl_compress(cache, seq, policy, &report, stream): budgets for all
+ *      layers, selection per layer, compaction; emptied blocks return to the
+ *      pool at once.
+ *
+ * Formulas (notation of DESIGN.md section 5: prompt length m, L layers,
+ * keep ratio alpha, H query heads, window rows i at positions P_i):
+ * - Attention of a row: A_ij = softmax_j(scale * q_i . k_j) over the keys
+ *   the row sees (key position <= P_i: causal), per query head.
+ * - Eq. 1: an entry counts as kept iff A_ij >= p * max_j A_ij, evaluated on
+ *   logits as s_ij >= max_j s_ij + ln p.
+ * - Eq. 2: gamma_{l,h} = (entries below the threshold) / (causal entries of
+ *   the observed rows); gamma_l = mean over heads; density d_l = 1 - gamma_l.
+ * - Algorithm 1 (VL-Cache budgets): Z = sum_l d_l; beta_l = clip(d_l / Z *
+ *   alpha * L, min_layer_ratio, 1); k_l = round(beta_l * m), round half
+ *   up, and at least 1. Z = 0 gives beta_l = alpha. The paper does not hand
+ *   clipped budget to other layers, so the realised total drifts from
+ *   alpha * L * m; the report gives the realised ratio.
+ *   renormalize = 1: water-filling instead. With T = round(alpha * L * m)
+ *   clamped to [L * lo, L * m] and lo = max(1, ceil(min_layer_ratio * m)),
+ *   find lambda with sum_l clip(lambda * d_l * m, lo, m) = T, floor each
+ *   term and give the remaining units one each to the largest fractional
+ *   parts (ties: lower layer first) below m, so sum_l k_l = T exactly.
+ * - Uniform budgets (streaming, h2o, snapkv): k_l = max(1, round(alpha*m)).
+ * - PyramidKV budgets (kvpress): w = snap_window, C = alpha * m,
+ *   lo = C / beta, hi = 2C - lo; if hi >= m - w then hi = m - w and
+ *   lo = 2C - hi; unless m >= hi >= lo >= w (else uniform), k_l =
+ *   round(hi - l * (hi - lo) / (L - 1)).
+ * - Scores (one ranking per layer, shared by its KV heads: a block holds all
+ *   of a layer's heads, so a layer keeps one set of tokens; kvpress ranks
+ *   per KV head instead):
+ *     vlcache:  s_j = sum over observed rows and all heads of A_ij;
+ *     h2o:      s_j = (sum over rows and heads of A_ij) / (rows that see j)
+ *               (kvpress ObservedAttention), rows = all prompt queries;
+ *     snapkv, pyramidkv: mean over the window rows, then a 1-D average pool
+ *               of width pool_kernel with zero padding (count_include_pad,
+ *               as torch's avg_pool1d), over the keys before the window.
+ *   Visual and text keys compete in one ranking.
+ * - Selection of k_l prompt tokens: the most recent r_l = ceil(recent_ratio
+ *   * k_l) prompt tokens always (snapkv/pyramidkv: at least the window),
+ *   then the top scores among the rest; ties break toward the later
+ *   position; kept tokens keep their order and logical positions.
+ *   streaming: the first min(sink_tokens, k_l) tokens and the most recent
+ *   rest. full: everything. Tokens appended by decode are never candidates
+ *   of pvl_compress: they stay.
+ * - No visual span (or none with a prompt token after it): the window
+ *   falls back to the last min(fallback_window, m) prompt tokens
+ *   (SnapKV-like), and the report says so.
+ */
+
+typedef enum pvl_policy_kind {
+  PVL_POLICY_FULL = 0,
+  PVL_POLICY_STREAMING = 1,
+  PVL_POLICY_H2O = 2,
+  PVL_POLICY_SNAPKV = 3,
+  PVL_POLICY_PYRAMIDKV = 4,
+  PVL_POLICY_VLCACHE = 5
+} pvl_policy_kind;
+
+typedef struct pvl_policy {
+  size_t size;             /* sizeof(pvl_policy), set by pvl_policy_init */
+  pvl_policy_kind kind;
+  float keep_ratio;        /* alpha, in (0, 1]; default 0.1 */
+  float threshold;         /* p of Eq. 1, in (0, 1); default 0.01 */
+  float min_layer_ratio;   /* clip floor of beta_l, in (0, 1]; 0.01 */
+  float recent_ratio;      /* forced recent share of k_l, [0, 1]; 0.1 */
+  uint32_t window_cap;     /* post-vision rows at most (the last ones);
+                              0 = all; default 0 */
+  uint32_t fallback_window;/* rows when there is no post-vision window;
+                              default 32 */
+  uint32_t renormalize;    /* 1 = water-filling budgets; default 0 */
+  uint32_t sink_tokens;    /* streaming sinks; default 4 */
+  uint32_t snap_window;    /* snapkv/pyramidkv window; default 32 */
+  uint32_t pool_kernel;    /* snapkv/pyramidkv pooling width (odd); 5 */
+  float pyramid_beta;      /* pyramidkv shape, >= 1; default 20 */
+  uint32_t decode_cap;     /* beyond the paper: tokens per layer during
+                              decode before pvl_decode_cap recompresses;
+                              0 = off (default) */
+  uint32_t decode_cap_slack; /* recompress down to decode_cap - slack;
+                              default 0 = decode_cap / 8 */
+} pvl_policy;
+
+/* Fills `policy` with the defaults of `kind` (the paper's VL-Cache setup
+ * for PVL_POLICY_VLCACHE: alpha 0.1, p 0.01, clip 0.01, recent 10 %). */
+PVL_API pvl_status pvl_policy_init(pvl_policy *policy, pvl_policy_kind kind);
+
+/* Short lowercase name ("vlcache", "h2o", ...); NULL for an unknown kind.
+ * pvl_policy_parse is the reverse (INVALID_ARGUMENT for unknown names). */
+PVL_API const char *pvl_policy_name(pvl_policy_kind kind);
+PVL_API pvl_status pvl_policy_parse(const char *name, pvl_policy_kind *out);
+
+/* Budgets k_l of every layer for a prompt of m tokens: budgets[0..L).
+ * `density` (d_l in [0, 1], L values) is read by VL-Cache only and may be
+ * NULL for the other policies. Pure function of its arguments. */
+PVL_API pvl_status pvl_policy_budgets(const pvl_policy *policy,
+                                      uint32_t num_layers, uint32_t m,
+                                      const float *density,
+                                      uint32_t *budgets);
+
+/* Turns raw per-key attention sums into the policy's ranking scores (see
+ * the formulas above): raw[j] = sum over rows and heads of A_ij, seen[j] =
+ * rows that see key j, n_rows = rows observed. out[0..m). For snapkv and
+ * pyramidkv the keys of the window get +infinity (always kept). */
+PVL_API pvl_status pvl_policy_scores(const pvl_policy *policy, uint32_t m,
+                                     const float *raw, const uint32_t *seen,
+                                     uint32_t n_rows, float *out);
+
+/* Selects `budget` of m candidates (positions 0..m-1, in order) by the
+ * policy's rule: keep[0..*n_keep) strictly ascending, *n_keep =
+ * min(budget, m). `scores` (m values, no NaN) is ignored by full and
+ * streaming and may then be NULL. */
+PVL_API pvl_status pvl_policy_select(const pvl_policy *policy, uint32_t m,
+                                     uint32_t budget, const float *scores,
+                                     uint32_t *keep, uint32_t *n_keep);
+
+/* The prompt query rows the policy observes for this sequence: positions
+ * [*first, *first + *n). *fallback = 1 when VL-Cache had no post-vision
+ * window and used the last fallback_window tokens instead. */
+PVL_API pvl_status pvl_policy_rows(const pvl_policy *policy,
+                                   const pvl_cache *cache, pvl_seq_id seq,
+                                   uint32_t *first, uint32_t *n,
+                                   uint32_t *fallback);
+
+/* Observes n_rows query rows of one layer of a sequence: q is
+ * [n_rows][num_q_heads][head_dim] in the cache dtype (after RoPE), row i
+ * being the query of logical position first_pos + i. A row sees the keys of
+ * the layer whose logical position is <= its own. Computes blockwise, in
+ * two passes over the keys (row max and sum of exponentials, then
+ * probabilities, per-key sums and threshold counts), never a rows x keys
+ * matrix. Accumulates into the layer's observation, which pvl_compress
+ * consumes; an observation is dropped when the layer changes (append,
+ * retain) before it is used. threshold is the policy's p; scale as in
+ * pvl_attention_decode (0 = 1/sqrt(head_dim)). */
+PVL_API pvl_status pvl_observe(pvl_cache *cache, pvl_seq_id seq,
+                               uint32_t layer, const void *q,
+                               uint32_t first_pos, uint32_t n_rows,
+                               float threshold, float scale, void *stream);
+
+/* What the layer's observation holds: sparsity gamma_{l,h} per query head
+ * (gamma[0..num_q_heads), may be NULL), gamma_l (mean over heads), raw
+ * per-key sums raw[0..cap) and seen counts seen[0..cap) (either may be NULL
+ * when cap = 0), *n_keys = keys covered, *n_rows = rows observed.
+ * BAD_STATE if the layer has no valid observation. */
+PVL_API pvl_status pvl_seq_observation(const pvl_cache *cache,
+                                       pvl_seq_id seq, uint32_t layer,
+                                       float *gamma, float *gamma_layer,
+                                       float *raw, uint32_t *seen,
+                                       uint32_t cap, uint32_t *n_keys,
+                                       uint32_t *n_rows);
+
+typedef struct pvl_compress_report {
+  /* Caller-provided arrays of num_layers entries, or NULL. */
+  uint32_t *budget;   /* k_l */
+  uint32_t *kept;     /* prompt tokens kept per layer (= min(k_l, m)) */
+  float *density;     /* d_l used (VL-Cache), else 1 */
+  /* Filled by the call. */
+  uint32_t n_prompt;       /* m */
+  uint32_t window_first;   /* observed rows, as pvl_policy_rows */
+  uint32_t window_rows;
+  uint32_t window_fallback;/* 1: no post-vision window, fell back */
+  uint64_t kept_total;     /* sum of kept prompt tokens over layers */
+  uint32_t blocks_before;  /* blocks held by the sequence before */
+  uint32_t blocks_after;
+  uint32_t blocks_freed;   /* returned to the pool's free list */
+  double keep_ratio;       /* realised: kept_total / (L * m) */
+} pvl_compress_report;
+
+/* Compresses the prompt of a sequence by `policy`: budgets from the
+ * observed densities (VL-Cache), a selection per layer from the observed
+ * scores (every layer must have been observed with pvl_observe, except
+ * for full and streaming: else BAD_STATE), then compaction of every layer
+ * (pvl_seq_retain) and release of the emptied blocks. A sequence is
+ * compressed once (BAD_STATE after). All layers or none: if a layer cannot
+ * be compacted (OUT_OF_BLOCKS: compaction gathers into fresh blocks, at
+ * most the final block count) nothing is changed. `report` may be NULL. */
+PVL_API pvl_status pvl_compress(pvl_cache *cache, pvl_seq_id seq,
+                                const pvl_policy *policy,
+                                pvl_compress_report *report, void *stream);
+
+/* Decode-time cap (beyond the paper; needs policy->decode_cap > 0): if
+ * layer `layer` of the sequence holds more than decode_cap tokens,
+ * recompresses it to decode_cap - slack tokens over all its slots (prompt
+ * and decoded), keeping the recent ceil(recent_ratio * budget) and the top
+ * scores of the layer's observation (observe the recent decode queries
+ * first: BAD_STATE without one). *did = 1 if it recompressed, 0 if the
+ * layer was within the cap. */
+PVL_API pvl_status pvl_decode_cap(pvl_cache *cache, pvl_seq_id seq,
+                                  uint32_t layer, const pvl_policy *policy,
+                                  uint32_t *did, void *stream);
 
 #ifdef __cplusplus
 }

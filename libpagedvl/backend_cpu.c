@@ -258,6 +258,100 @@ static pvl_status cpu_attention(pvl_plan *p, uint32_t layer, const void *q,
   return PVL_SUCCESS;
 }
 
+/* Reference observation (DESIGN.md section 5, Eq. 1-2 and the scores).
+ * For each KV head, a tile of query rows of every head of the group runs
+ * two passes over the keys the rows see: pass 1 keeps each row's running
+ * max and sum of exponentials (online, in double), pass 2 recomputes the
+ * logits, adds the probabilities to the per-key sums and counts the entries
+ * at or above max + ln p. Memory is O(tile x d + keys), never rows x keys.
+ * Keys' positions ascend with their slots, so the keys a row sees are a
+ * prefix of the table. */
+#define OBS_TILE 16
+
+static pvl_status cpu_observe(pvl_cache *c, const pvl_table *t, const void *q,
+                              uint32_t first_pos, uint32_t n_rows,
+                              float scale, float log_p, pvl_obs *obs,
+                              void *stream) {
+  (void)stream;
+  const pvl_kv_geom *g = &c->geom;
+  const int32_t d = g->head_dim, bs = g->block_size, hkv = g->num_kv_heads;
+  const int32_t hq = (int32_t)c->cfg.num_q_heads, grp = hq / hkv;
+  const pvl_dtype dt = c->cfg.dtype;
+  const char *base = c->storage;
+  const uint32_t n_keys = t->n_tokens;
+
+  /* scratch: q tile [OBS_TILE][grp][d] + k row [d] floats; max, sum
+   * [OBS_TILE][grp] doubles; visible counts [OBS_TILE] uint32. */
+  const size_t nq = (size_t)OBS_TILE * grp;
+  size_t bytes = 2 * nq * sizeof(double) +
+                 (nq * d + (size_t)d) * sizeof(float) +
+                 OBS_TILE * sizeof(uint32_t);
+  double *mx = pvl__scratch(c, bytes);
+  if (!mx)
+    return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "observe scratch (%zu bytes)",
+                    bytes);
+  double *sum = mx + nq;
+  float *qf = (float *)(sum + nq), *kf = qf + nq * d;
+  uint32_t *vis = (uint32_t *)(kf + d);
+
+  for (uint32_t r0 = 0; r0 < n_rows; r0 += OBS_TILE) {
+    const uint32_t nr = n_rows - r0 < OBS_TILE ? n_rows - r0 : OBS_TILE;
+    uint32_t max_vis = 0;
+    for (uint32_t r = 0; r < nr; r++) {
+      const uint32_t P = first_pos + r0 + r;
+      uint32_t v = 0;
+      while (v < n_keys && (t->pos ? t->pos[v] : v) <= P) v++;
+      vis[r] = v;
+      if (v > max_vis) max_vis = v;
+      if (v) /* a row that sees no key contributes nothing */
+        for (uint32_t j = 0; j < v; j++) obs->seen[j]++;
+    }
+    for (int32_t kvh = 0; kvh < hkv; kvh++) {
+      for (uint32_t r = 0; r < nr; r++) {
+        const size_t src = (((size_t)(r0 + r) * hq) + (size_t)kvh * grp) * d;
+        pvl__load_f32(dt, (const char *)q + src * c->elem_size,
+                      qf + (size_t)r * grp * d, (size_t)grp * d);
+      }
+      for (size_t i = 0; i < nq; i++) {
+        mx[i] = -INFINITY;
+        sum[i] = 0.0;
+      }
+      for (int pass = 0; pass < 2; pass++) {
+        for (uint32_t j = 0; j < max_vis; j++) {
+          pvl__load_f32(dt,
+                        base + slot_offset(c, t->blocks[j / (uint32_t)bs], 0,
+                                           kvh, (int32_t)(j % (uint32_t)bs)),
+                        kf, (size_t)d);
+          for (uint32_t r = 0; r < nr; r++) {
+            if (j >= vis[r]) continue;
+            for (int32_t i = 0; i < grp; i++) {
+              const float *qv = qf + ((size_t)r * grp + i) * d;
+              float dot = 0.0f;
+              for (int32_t e = 0; e < d; e++) dot += qv[e] * kf[e];
+              const double s = (double)(dot * scale);
+              const size_t ri = (size_t)r * grp + i;
+              if (pass == 0) {
+                if (s > mx[ri]) {
+                  sum[ri] = sum[ri] * exp(mx[ri] - s) + 1.0;
+                  mx[ri] = s;
+                } else {
+                  sum[ri] += exp(s - mx[ri]);
+                }
+              } else {
+                obs->raw[j] += exp(s - mx[ri]) / sum[ri];
+                const uint32_t h = (uint32_t)(kvh * grp + i);
+                obs->total[h]++;
+                obs->below[h] += s < mx[ri] + (double)log_p;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  return PVL_SUCCESS;
+}
+
 const pvl_backend_ops pvl__cpu_backend = {
     .name = "cpu",
     .init = cpu_init,
@@ -271,4 +365,5 @@ const pvl_backend_ops pvl__cpu_backend = {
     .plan_upload = cpu_plan_upload,
     .plan_kv_write = cpu_plan_kv_write,
     .attention = cpu_attention,
+    .observe = cpu_observe,
 };

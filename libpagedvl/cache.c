@@ -8,7 +8,10 @@
 
 #include "internal.h"
 
-static char g_create_err[PVL_ERRMSG_LEN];
+/* Messages of failing calls that have no cache to keep them (creation, the
+ * pure policy functions): one buffer per thread, so those calls stay
+ * thread-safe. */
+static _Thread_local char g_create_err[PVL_ERRMSG_LEN];
 
 const char *pvl_status_string(pvl_status status) {
   switch (status) {

@@ -63,6 +63,20 @@ typedef struct pvl_table {
   uint64_t epoch; /* stamped on every change other than an append */
 } pvl_table;
 
+/* ---- observations (compress.c) ---- */
+
+/* What pvl_observe accumulated for one (sequence, layer). Valid while the
+ * table is unchanged (same epoch and token count). */
+typedef struct pvl_obs {
+  uint64_t epoch;
+  uint32_t n_keys; /* the table's n_tokens when observed */
+  uint32_t n_rows;
+  double *raw;     /* [n_keys] sum over rows and heads of A_ij */
+  uint32_t *seen;  /* [n_keys] rows that saw key j */
+  uint64_t *below; /* [num_q_heads] entries under the Eq. 1 threshold */
+  uint64_t *total; /* [num_q_heads] causal entries */
+} pvl_obs;
+
 /* ---- sequences (seq.c) ---- */
 
 typedef struct pvl_seq {
@@ -73,7 +87,53 @@ typedef struct pvl_seq {
   pvl_span *spans;
   pvl_table *tables; /* [num_layers] */
   uint64_t mark;     /* duplicate detection within one batch call */
+  pvl_obs **obs;     /* [num_layers] or NULL; entries NULL until observed */
+  bool compressed;   /* pvl_compress ran */
 } pvl_seq;
+
+/* Compaction in two steps, so pvl_compress can prepare every layer (and
+ * fail) before it changes any. */
+typedef struct pvl_retain_prep {
+  uint32_t *new_pos; /* position map to install, or NULL (identity) */
+  uint32_t cap_pos;
+  uint32_t n_stay;   /* leading blocks kept in place */
+  uint32_t n_new;    /* fresh blocks the gather fills */
+  uint32_t n_freed;  /* blocks returned to the free list at commit */
+} pvl_retain_prep;
+
+PVL_INTERNAL pvl_status pvl__retain_prepare(pvl_cache *c, pvl_table *t,
+                                            const uint32_t *keep,
+                                            uint32_t n_keep,
+                                            pvl_retain_prep *prep,
+                                            const char *fn);
+/* Consumes prep (also on failure). Fails only if the pool is short or the
+ * backend's gather fails; the table is then unchanged. */
+PVL_INTERNAL pvl_status pvl__retain_commit(pvl_cache *c, pvl_table *t,
+                                           uint32_t layer,
+                                           const uint32_t *keep,
+                                           uint32_t n_keep,
+                                           pvl_retain_prep *prep,
+                                           void *stream, const char *fn);
+PVL_INTERNAL void pvl__retain_abort(pvl_cache *c, pvl_retain_prep *prep);
+PVL_INTERNAL void pvl__obs_drop(pvl_cache *c, pvl_seq *s, uint32_t layer);
+PVL_INTERNAL void pvl__obs_free_all(pvl_cache *c, pvl_seq *s);
+
+/* ---- policies (policy.c) ---- */
+
+PVL_INTERNAL pvl_status pvl__policy_check(const pvl_cache *c,
+                                          const pvl_policy *p,
+                                          const char *fn);
+PVL_INTERNAL uint32_t pvl__policy_recent(const pvl_policy *p, uint32_t m,
+                                         uint32_t k);
+/* keep[0..min(k, m)) ascending; scores unchecked. NO_MEMORY only. */
+PVL_INTERNAL pvl_status pvl__select(const pvl_allocator *a,
+                                    const pvl_policy *p, uint32_t m,
+                                    uint32_t k, const float *scores,
+                                    uint32_t *keep);
+PVL_INTERNAL void pvl__policy_rows(const pvl_policy *p, uint32_t m,
+                                   const pvl_span *spans, uint32_t n_spans,
+                                   uint32_t *first, uint32_t *n,
+                                   uint32_t *fallback);
 
 /* ---- backend (backend_cpu.c, backend_cuda.c) ---- */
 
@@ -106,6 +166,11 @@ typedef struct pvl_backend_ops {
                               const void *v, void *stream);
   pvl_status (*attention)(pvl_plan *p, uint32_t layer, const void *q,
                           void *out, float scale, void *stream);
+  /* Accumulates the observation of n_rows query rows (positions first_pos
+   * + i) over the table's keys (positions t->pos or identity) into obs. */
+  pvl_status (*observe)(pvl_cache *c, const pvl_table *t, const void *q,
+                        uint32_t first_pos, uint32_t n_rows, float scale,
+                        float log_p, pvl_obs *obs, void *stream);
 } pvl_backend_ops;
 
 PVL_INTERNAL extern const pvl_backend_ops pvl__cpu_backend;

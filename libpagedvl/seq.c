@@ -98,6 +98,7 @@ static bool table_reserve_append(pvl_cache *c, pvl_table *t, uint32_t bs) {
 }
 
 static void seq_destroy(pvl_cache *c, pvl_seq *s) {
+  pvl__obs_free_all(c, s);
   if (s->tables) {
     for (uint32_t l = 0; l < c->cfg.num_layers; l++)
       table_release(c, &s->tables[l], l);
@@ -413,61 +414,74 @@ pvl_status pvl_seq_append(pvl_cache *c, const pvl_seq_id *seqs, uint32_t n,
 
 /* ---- retain (compaction) ---- */
 
-pvl_status pvl_seq_retain(pvl_cache *c, pvl_seq_id id, uint32_t layer,
-                          const uint32_t *keep, uint32_t n_keep,
-                          void *stream) {
-  if (!c) return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache is NULL");
-  pvl_table *t = NULL;
-  pvl_status st = lookup_layer(c, id, layer, &t, __func__);
-  if (st != PVL_SUCCESS) return st;
+pvl_status pvl__retain_prepare(pvl_cache *c, pvl_table *t,
+                               const uint32_t *keep, uint32_t n_keep,
+                               pvl_retain_prep *prep, const char *fn) {
+  memset(prep, 0, sizeof(*prep));
   if (n_keep > 0 && !keep)
-    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "keep is NULL, n_keep = %u",
-                    n_keep);
+    return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn,
+                     "keep is NULL, n_keep = %u", n_keep);
   if (n_keep > t->n_tokens)
-    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
-                    "n_keep = %u exceeds the layer's %u tokens", n_keep,
-                    t->n_tokens);
+    return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn,
+                     "n_keep = %u exceeds the layer's %u tokens", n_keep,
+                     t->n_tokens);
   for (uint32_t i = 0; i < n_keep; i++) {
     if (keep[i] >= t->n_tokens || (i > 0 && keep[i] <= keep[i - 1]))
-      return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
-                      "keep[%u] = %u: slots must be strictly ascending and "
-                      "below %u",
-                      i, keep[i], t->n_tokens);
+      return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn,
+                       "keep[%u] = %u: slots must be strictly ascending and "
+                       "below %u",
+                       i, keep[i], t->n_tokens);
   }
   const uint32_t bs = c->cfg.block_size;
-  /* Slots [0, p) stay where they are; whole blocks before p/bs are kept as
-   * they are, the rest of the kept tokens are gathered into fresh blocks. */
+  /* Slots [0, p) stay where they are: whole blocks before p / bs are kept
+   * as they are, the rest of the kept tokens are gathered into fresh
+   * blocks (never in place, so a GPU gather has no read/write overlap and
+   * a block shared with a fork is never written). */
   uint32_t p = 0;
   while (p < n_keep && keep[p] == p) p++;
   const bool moves = p < n_keep;
   const uint32_t n_final = ceil_div(n_keep, bs);
-  const uint32_t n_stay = moves ? p / bs : n_final;
-  const uint32_t n_new = n_final - n_stay;
-  if (n_new > c->pool.num_free)
-    return PVL_FAIL(c, PVL_ERR_OUT_OF_BLOCKS,
-                    "compacting %u tokens needs %u free blocks, %u free",
-                    n_keep, n_new, c->pool.num_free);
-
-  /* Allocate everything before committing. */
-  uint32_t *new_pos = NULL;
-  uint32_t new_cap_pos = 0;
-  const bool identity = !moves && !t->pos;
-  if (!identity) {
-    new_cap_pos = n_keep + 16;
-    new_pos = pvl__alloc(c->alloc, new_cap_pos * sizeof(uint32_t));
-    if (!new_pos) return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "position map");
+  prep->n_stay = moves ? p / bs : n_final;
+  prep->n_new = n_final - prep->n_stay;
+  for (uint32_t j = prep->n_stay; j < t->n_blocks; j++)
+    prep->n_freed += c->pool.refcount[t->blocks[j]] == 1;
+  if (moves || t->pos) {
+    prep->cap_pos = n_keep + 16;
+    prep->new_pos = pvl__alloc(c->alloc, prep->cap_pos * sizeof(uint32_t));
+    if (!prep->new_pos)
+      return pvl__fail(c, PVL_ERR_NO_MEMORY, fn, "position map of %u",
+                       n_keep);
   }
-  const uint32_t n_moved = moves ? n_keep - n_stay * bs : 0;
-  int64_t *src = NULL;
+  return PVL_SUCCESS;
+}
+
+void pvl__retain_abort(pvl_cache *c, pvl_retain_prep *prep) {
+  pvl__free(c->alloc, prep->new_pos, prep->cap_pos * sizeof(uint32_t));
+  prep->new_pos = NULL;
+}
+
+pvl_status pvl__retain_commit(pvl_cache *c, pvl_table *t, uint32_t layer,
+                              const uint32_t *keep, uint32_t n_keep,
+                              pvl_retain_prep *prep, void *stream,
+                              const char *fn) {
+  const uint32_t bs = c->cfg.block_size;
+  const uint32_t n_stay = prep->n_stay, n_new = prep->n_new;
+  if (n_new > c->pool.num_free) {
+    pvl__retain_abort(c, prep);
+    return pvl__fail(c, PVL_ERR_OUT_OF_BLOCKS, fn,
+                     "compacting %u tokens needs %u free blocks, %u free",
+                     n_keep, n_new, c->pool.num_free);
+  }
+  const uint32_t n_moved = n_new ? n_keep - n_stay * bs : 0;
   int32_t *dst = NULL;
   if (n_moved) {
     size_t bytes = (size_t)n_moved * sizeof(int64_t) +
                    (size_t)n_new * sizeof(int32_t);
-    src = pvl__scratch(c, bytes);
+    int64_t *src = pvl__scratch(c, bytes);
     if (!src) {
-      pvl__free(c->alloc, new_pos, new_cap_pos * sizeof(uint32_t));
-      return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "compaction list of %u tokens",
-                      n_moved);
+      pvl__retain_abort(c, prep);
+      return pvl__fail(c, PVL_ERR_NO_MEMORY, fn,
+                       "compaction list of %u tokens", n_moved);
     }
     dst = (int32_t *)(src + n_moved);
     for (uint32_t i = 0; i < n_moved; i++) {
@@ -475,31 +489,45 @@ pvl_status pvl_seq_retain(pvl_cache *c, pvl_seq_id id, uint32_t layer,
       src[i] = (int64_t)t->blocks[from / bs] * bs + from % bs;
     }
     for (uint32_t j = 0; j < n_new; j++) dst[j] = pvl__pool_alloc(&c->pool);
-    st = c->be->gather(c, src, dst, n_moved, stream);
+    pvl_status st = c->be->gather(c, src, dst, n_moved, stream);
     if (st != PVL_SUCCESS) {
       for (uint32_t j = 0; j < n_new; j++) pvl__pool_decref(&c->pool, dst[j]);
-      pvl__free(c->alloc, new_pos, new_cap_pos * sizeof(uint32_t));
+      pvl__retain_abort(c, prep);
       return st;
     }
   }
-
-  /* Commit. */
-  if (new_pos)
+  /* Commit: nothing below fails. */
+  if (prep->new_pos)
     for (uint32_t i = 0; i < n_keep; i++)
-      new_pos[i] = t->pos ? t->pos[keep[i]] : keep[i];
+      prep->new_pos[i] = t->pos ? t->pos[keep[i]] : keep[i];
   for (uint32_t j = n_stay; j < t->n_blocks; j++)
     pvl__pool_decref(&c->pool, t->blocks[j]);
   for (uint32_t j = 0; j < n_new; j++) t->blocks[n_stay + j] = dst[j];
   c->layer_tokens[layer] -= t->n_tokens - n_keep;
   t->n_tokens = n_keep;
-  t->n_blocks = n_final;
-  if (!identity) {
+  t->n_blocks = n_stay + n_new;
+  if (prep->new_pos) {
     pvl__free(c->alloc, t->pos, t->cap_pos * sizeof(uint32_t));
-    t->pos = new_pos;
-    t->cap_pos = new_cap_pos;
+    t->pos = prep->new_pos;
+    t->cap_pos = prep->cap_pos;
+    prep->new_pos = NULL;
   }
   t->epoch = ++c->epoch_clock;
   return PVL_SUCCESS;
+}
+
+pvl_status pvl_seq_retain(pvl_cache *c, pvl_seq_id id, uint32_t layer,
+                          const uint32_t *keep, uint32_t n_keep,
+                          void *stream) {
+  if (!c) return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache is NULL");
+  pvl_table *t = NULL;
+  pvl_status st = lookup_layer(c, id, layer, &t, __func__);
+  if (st != PVL_SUCCESS) return st;
+  pvl_retain_prep prep;
+  st = pvl__retain_prepare(c, t, keep, n_keep, &prep, __func__);
+  if (st != PVL_SUCCESS) return st;
+  return pvl__retain_commit(c, t, layer, keep, n_keep, &prep, stream,
+                            __func__);
 }
 
 /* ---- data ---- */

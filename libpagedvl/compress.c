@@ -1,0 +1,370 @@
+/* Observation and compression of sequences: pvl_observe accumulates a
+ * layer's attention statistics (through the backend), pvl_compress turns
+ * them into budgets and selections (policy.c) and compacts every layer
+ * (seq.c), pvl_decode_cap does the same for one layer during decode. */
+#include <math.h>
+#include <string.h>
+
+#include "internal.h"
+
+/* ---- observation storage ---- */
+
+static void obs_free(pvl_cache *c, pvl_obs *o) {
+  if (!o) return;
+  const size_t hq = c->cfg.num_q_heads;
+  pvl__free(c->alloc, o->raw, (size_t)o->n_keys * sizeof(double));
+  pvl__free(c->alloc, o->seen, (size_t)o->n_keys * sizeof(uint32_t));
+  pvl__free(c->alloc, o->below, hq * sizeof(uint64_t));
+  pvl__free(c->alloc, o->total, hq * sizeof(uint64_t));
+  pvl__free(c->alloc, o, sizeof(*o));
+}
+
+void pvl__obs_drop(pvl_cache *c, pvl_seq *s, uint32_t layer) {
+  if (!s->obs) return;
+  obs_free(c, s->obs[layer]);
+  s->obs[layer] = NULL;
+}
+
+void pvl__obs_free_all(pvl_cache *c, pvl_seq *s) {
+  if (!s->obs) return;
+  for (uint32_t l = 0; l < c->cfg.num_layers; l++) obs_free(c, s->obs[l]);
+  pvl__free(c->alloc, s->obs, c->cfg.num_layers * sizeof(pvl_obs *));
+  s->obs = NULL;
+}
+
+static bool obs_valid(const pvl_obs *o, const pvl_table *t) {
+  return o && o->epoch == t->epoch && o->n_keys == t->n_tokens;
+}
+
+static pvl_obs *obs_new(pvl_cache *c, const pvl_table *t) {
+  const size_t hq = c->cfg.num_q_heads, n = t->n_tokens;
+  pvl_obs *o = pvl__alloc(c->alloc, sizeof(*o));
+  if (!o) return NULL;
+  memset(o, 0, sizeof(*o));
+  o->n_keys = t->n_tokens;
+  o->epoch = t->epoch;
+  o->raw = pvl__alloc(c->alloc, n * sizeof(double));
+  o->seen = pvl__alloc(c->alloc, n * sizeof(uint32_t));
+  o->below = pvl__alloc(c->alloc, hq * sizeof(uint64_t));
+  o->total = pvl__alloc(c->alloc, hq * sizeof(uint64_t));
+  if (!o->raw || !o->seen || !o->below || !o->total) {
+    obs_free(c, o);
+    return NULL;
+  }
+  memset(o->raw, 0, n * sizeof(double));
+  memset(o->seen, 0, n * sizeof(uint32_t));
+  memset(o->below, 0, hq * sizeof(uint64_t));
+  memset(o->total, 0, hq * sizeof(uint64_t));
+  return o;
+}
+
+static pvl_status seq_layer(const pvl_cache *c, pvl_seq_id id, uint32_t layer,
+                            pvl_seq **s, const char *fn) {
+  if (layer >= c->cfg.num_layers)
+    return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn,
+                     "layer %u out of range (num_layers = %u)", layer,
+                     c->cfg.num_layers);
+  *s = pvl__seq_get(c, id);
+  if (!*s)
+    return pvl__fail(c, PVL_ERR_UNKNOWN_SEQUENCE, fn,
+                     "sequence 0x%llx is not live", (unsigned long long)id);
+  return PVL_SUCCESS;
+}
+
+pvl_status pvl_observe(pvl_cache *c, pvl_seq_id id, uint32_t layer,
+                       const void *q, uint32_t first_pos, uint32_t n_rows,
+                       float threshold, float scale, void *stream) {
+  if (!c) return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache is NULL");
+  pvl_seq *s = NULL;
+  pvl_status st = seq_layer(c, id, layer, &s, __func__);
+  if (st != PVL_SUCCESS) return st;
+  if (n_rows > 0 && !q)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "q is NULL, n_rows = %u",
+                    n_rows);
+  if (n_rows > UINT32_MAX - first_pos)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
+                    "rows [%u, %u + %u) overflow uint32", first_pos,
+                    first_pos, n_rows);
+  if (!(threshold > 0.0f && threshold < 1.0f))
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
+                    "threshold = %g, must be in (0, 1)", (double)threshold);
+  if (scale != 0.0f && !(scale > 0.0f && scale <= 3.4e38f))
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
+                    "scale = %g must be 0 (default) or finite and > 0",
+                    (double)scale);
+  pvl_table *t = &s->tables[layer];
+  if (t->n_tokens == 0)
+    return PVL_FAIL(c, PVL_ERR_BAD_STATE, "layer %u holds no tokens", layer);
+  if (n_rows == 0) return PVL_SUCCESS;
+  if (scale == 0.0f) scale = 1.0f / sqrtf((float)c->cfg.head_dim);
+
+  if (!s->obs) {
+    s->obs = pvl__alloc(c->alloc, c->cfg.num_layers * sizeof(pvl_obs *));
+    if (!s->obs) return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "observation table");
+    memset(s->obs, 0, c->cfg.num_layers * sizeof(pvl_obs *));
+  }
+  pvl_obs *o = s->obs[layer];
+  bool fresh = false;
+  if (!obs_valid(o, t)) {
+    o = obs_new(c, t);
+    if (!o)
+      return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "observation of %u keys",
+                      t->n_tokens);
+    fresh = true;
+  }
+  st = c->be->observe(c, t, q, first_pos, n_rows, scale, logf(threshold), o,
+                      stream);
+  if (st != PVL_SUCCESS) {
+    if (fresh) obs_free(c, o);
+    return st;
+  }
+  o->n_rows += n_rows;
+  if (fresh) {
+    pvl__obs_drop(c, s, layer);
+    s->obs[layer] = o;
+  }
+  return PVL_SUCCESS;
+}
+
+/* gamma_l of an observation: mean over heads of below / total. */
+static double obs_gamma(const pvl_cache *c, const pvl_obs *o, float *per_head) {
+  double sum = 0.0;
+  for (uint32_t h = 0; h < c->cfg.num_q_heads; h++) {
+    double g = o->total[h] ? (double)o->below[h] / (double)o->total[h] : 0.0;
+    if (per_head) per_head[h] = (float)g;
+    sum += g;
+  }
+  return sum / c->cfg.num_q_heads;
+}
+
+pvl_status pvl_seq_observation(const pvl_cache *c, pvl_seq_id id,
+                               uint32_t layer, float *gamma,
+                               float *gamma_layer, float *raw, uint32_t *seen,
+                               uint32_t cap, uint32_t *n_keys,
+                               uint32_t *n_rows) {
+  if (!c) return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache is NULL");
+  pvl_seq *s = NULL;
+  pvl_status st = seq_layer(c, id, layer, &s, __func__);
+  if (st != PVL_SUCCESS) return st;
+  const pvl_obs *o = s->obs ? s->obs[layer] : NULL;
+  if (!obs_valid(o, &s->tables[layer]))
+    return PVL_FAIL(c, PVL_ERR_BAD_STATE,
+                    "layer %u has no observation (or changed since)", layer);
+  if ((raw || seen) && cap < o->n_keys)
+    return PVL_FAIL(c, PVL_ERR_CAPACITY, "cap = %u < %u keys", cap,
+                    o->n_keys);
+  double g = obs_gamma(c, o, gamma);
+  if (gamma_layer) *gamma_layer = (float)g;
+  for (uint32_t j = 0; raw && j < o->n_keys; j++) raw[j] = (float)o->raw[j];
+  if (seen) memcpy(seen, o->seen, o->n_keys * sizeof(uint32_t));
+  if (n_keys) *n_keys = o->n_keys;
+  if (n_rows) *n_rows = o->n_rows;
+  return PVL_SUCCESS;
+}
+
+/* ---- compress ---- */
+
+static bool policy_scored(const pvl_policy *p) {
+  return p->kind != PVL_POLICY_FULL && p->kind != PVL_POLICY_STREAMING;
+}
+
+/* Scores of the first m keys of an observation, by the policy's transform,
+ * into out[0..m); tmp holds m floats and m seen counts. */
+static void obs_scores(const pvl_policy *p, const pvl_obs *o, uint32_t m,
+                       float *raw_tmp, float *out) {
+  for (uint32_t j = 0; j < m; j++) raw_tmp[j] = (float)o->raw[j];
+  /* Arguments were validated; a transform of finite sums cannot fail. */
+  pvl_policy_scores(p, m, raw_tmp, o->seen, o->n_rows, out);
+}
+
+pvl_status pvl_compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
+                        pvl_compress_report *report, void *stream) {
+  if (!c) return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache is NULL");
+  pvl_status st = pvl__policy_check(c, p, __func__);
+  if (st != PVL_SUCCESS) return st;
+  pvl_seq *s = pvl__seq_get(c, id);
+  if (!s)
+    return PVL_FAIL(c, PVL_ERR_UNKNOWN_SEQUENCE, "sequence 0x%llx is not live",
+                    (unsigned long long)id);
+  if (s->compressed)
+    return PVL_FAIL(c, PVL_ERR_BAD_STATE,
+                    "sequence 0x%llx is already compressed",
+                    (unsigned long long)id);
+  const uint32_t L = c->cfg.num_layers, m = s->n_prompt;
+  const bool scored = policy_scored(p);
+  uint64_t n_keep_all = 0;
+  for (uint32_t l = 0; l < L; l++) {
+    const pvl_table *t = &s->tables[l];
+    if (t->pos || t->n_tokens < m)
+      return PVL_FAIL(c, PVL_ERR_BAD_STATE,
+                      "layer %u was retained by hand: its slots are no "
+                      "longer the prompt positions",
+                      l);
+    const pvl_obs *o = s->obs ? s->obs[l] : NULL;
+    if (scored && (!obs_valid(o, t) || o->n_rows == 0))
+      return PVL_FAIL(c, PVL_ERR_BAD_STATE,
+                      "policy %s needs an observation of every layer; layer "
+                      "%u has none (or changed since pvl_observe)",
+                      pvl_policy_name(p->kind), l);
+    n_keep_all += t->n_tokens;
+  }
+
+  /* Host scratch: densities, budgets, scores and raw sums [m], keep lists
+   * and preparations. One allocation, freed on every path. */
+  const size_t sz_f = (size_t)L * sizeof(float);
+  const size_t sz_u = (size_t)L * sizeof(uint32_t);
+  const size_t sz_m = 2 * (size_t)m * sizeof(float);
+  const size_t sz_k = n_keep_all * sizeof(uint32_t);
+  const size_t sz_p = (size_t)L * sizeof(pvl_retain_prep);
+  const size_t sz_o = (size_t)L * sizeof(uint64_t);
+  const size_t bytes = sz_p + sz_o + sz_f + sz_u + sz_m + sz_k;
+  char *mem = pvl__alloc(c->alloc, bytes);
+  if (!mem)
+    return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "compression scratch (%zu bytes)",
+                    bytes);
+  pvl_retain_prep *prep = (pvl_retain_prep *)mem;
+  uint64_t *koff = (uint64_t *)(mem + sz_p);
+  float *density = (float *)(mem + sz_p + sz_o);
+  uint32_t *budget = (uint32_t *)(mem + sz_p + sz_o + sz_f);
+  float *raw_tmp = (float *)(mem + sz_p + sz_o + sz_f + sz_u);
+  float *scores = raw_tmp + m;
+  uint32_t *keep = (uint32_t *)(mem + sz_p + sz_o + sz_f + sz_u + sz_m);
+  /* Zeroed preparations abort as no-ops, so `out` aborts them all. */
+  memset(prep, 0, sz_p);
+
+  for (uint32_t l = 0; l < L; l++) {
+    const pvl_obs *o = s->obs ? s->obs[l] : NULL;
+    density[l] = p->kind == PVL_POLICY_VLCACHE
+                     ? (float)(1.0 - obs_gamma(c, o, NULL))
+                     : 1.0f;
+  }
+  st = pvl_policy_budgets(p, L, m, density, budget);
+  if (st != PVL_SUCCESS) {
+    st = PVL_FAIL(c, st, "budgets: %s", pvl_create_last_error());
+    goto out;
+  }
+
+  /* Selections and preparations: nothing changes until every layer is
+   * ready and the pool is known to suffice. */
+  uint64_t off = 0, kept_total = 0;
+  for (uint32_t l = 0; l < L; l++) {
+    const pvl_table *t = &s->tables[l];
+    const uint32_t k = budget[l] < m ? budget[l] : m;
+    uint32_t *kl = keep + off;
+    koff[l] = off;
+    if (scored && k < m) obs_scores(p, s->obs[l], m, raw_tmp, scores);
+    st = pvl__select(c->alloc, p, m, k, scores, kl);
+    if (st != PVL_SUCCESS) {
+      st = PVL_FAIL(c, st, "selection scratch for layer %u", l);
+      goto out;
+    }
+    /* Decoded tokens are not candidates: they stay. */
+    for (uint32_t j = m; j < t->n_tokens; j++) kl[k + (j - m)] = j;
+    off += k + (t->n_tokens - m);
+    kept_total += k;
+  }
+  uint64_t free_sim = c->pool.num_free;
+  for (uint32_t l = 0; l < L; l++) {
+    pvl_table *t = &s->tables[l];
+    uint32_t n = (uint32_t)((l + 1 < L ? koff[l + 1] : off) - koff[l]);
+    st = pvl__retain_prepare(c, t, keep + koff[l], n, &prep[l], __func__);
+    if (st != PVL_SUCCESS) goto out;
+    if (prep[l].n_new > free_sim) {
+      st = PVL_FAIL(c, PVL_ERR_OUT_OF_BLOCKS,
+                    "compacting layer %u needs %u free blocks, %llu free "
+                    "at that point",
+                    l, prep[l].n_new, (unsigned long long)free_sim);
+      goto out;
+    }
+    free_sim = free_sim - prep[l].n_new + prep[l].n_freed;
+  }
+
+  uint32_t blocks_before = 0, blocks_after = 0;
+  const uint32_t free_before = c->pool.num_free;
+  for (uint32_t l = 0; l < L; l++) blocks_before += s->tables[l].n_blocks;
+  for (uint32_t l = 0; l < L; l++) {
+    pvl_table *t = &s->tables[l];
+    uint32_t n = (uint32_t)((l + 1 < L ? koff[l + 1] : off) - koff[l]);
+    st = pvl__retain_commit(c, t, l, keep + koff[l], n, &prep[l], stream,
+                            __func__);
+    /* Only a device error fails here (the pool was checked above): layers
+     * before l are then compacted, the rest are not. */
+    if (st != PVL_SUCCESS) goto out;
+  }
+  for (uint32_t l = 0; l < L; l++) {
+    blocks_after += s->tables[l].n_blocks;
+    pvl__obs_drop(c, s, l);
+  }
+  s->compressed = true;
+
+  if (report) {
+    for (uint32_t l = 0; l < L; l++) {
+      if (report->budget) report->budget[l] = budget[l];
+      if (report->kept) report->kept[l] = budget[l] < m ? budget[l] : m;
+      if (report->density) report->density[l] = density[l];
+    }
+    report->n_prompt = m;
+    pvl__policy_rows(p, m, s->spans, s->n_spans, &report->window_first,
+                     &report->window_rows, &report->window_fallback);
+    report->kept_total = kept_total;
+    report->blocks_before = blocks_before;
+    report->blocks_after = blocks_after;
+    report->blocks_freed = c->pool.num_free - free_before;
+    report->keep_ratio = (double)kept_total / ((double)L * m);
+  }
+  st = PVL_SUCCESS;
+out:
+  for (uint32_t l = 0; l < L; l++) pvl__retain_abort(c, &prep[l]);
+  pvl__free(c->alloc, mem, bytes);
+  return st;
+}
+
+pvl_status pvl_decode_cap(pvl_cache *c, pvl_seq_id id, uint32_t layer,
+                          const pvl_policy *p, uint32_t *did, void *stream) {
+  if (!c || !did)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache or did is NULL");
+  pvl_status st = pvl__policy_check(c, p, __func__);
+  if (st != PVL_SUCCESS) return st;
+  if (p->decode_cap == 0 || p->kind == PVL_POLICY_FULL)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
+                    "decode_cap = %u with policy %s: nothing to cap",
+                    p->decode_cap, pvl_policy_name(p->kind));
+  pvl_seq *s = NULL;
+  st = seq_layer(c, id, layer, &s, __func__);
+  if (st != PVL_SUCCESS) return st;
+  pvl_table *t = &s->tables[layer];
+  if (t->n_tokens <= p->decode_cap) {
+    *did = 0;
+    return PVL_SUCCESS;
+  }
+  const uint32_t slack =
+      p->decode_cap_slack ? p->decode_cap_slack : p->decode_cap / 8;
+  const uint32_t k = p->decode_cap - slack, n = t->n_tokens;
+  const pvl_obs *o = s->obs ? s->obs[layer] : NULL;
+  const bool scored = policy_scored(p);
+  if (scored && (!obs_valid(o, t) || o->n_rows == 0))
+    return PVL_FAIL(c, PVL_ERR_BAD_STATE,
+                    "layer %u has no observation of recent decode queries "
+                    "(or changed since)",
+                    layer);
+  const size_t bytes = (2 * (size_t)n) * sizeof(float) + (size_t)k * 4;
+  char *mem = pvl__alloc(c->alloc, bytes);
+  if (!mem) return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "decode cap scratch");
+  float *raw_tmp = (float *)mem, *scores = raw_tmp + n;
+  uint32_t *keep = (uint32_t *)(scores + n);
+  if (scored) obs_scores(p, o, n, raw_tmp, scores);
+  st = pvl__select(c->alloc, p, n, k, scores, keep);
+  if (st != PVL_SUCCESS) {
+    pvl__free(c->alloc, mem, bytes);
+    return PVL_FAIL(c, st, "selection scratch");
+  }
+  pvl_retain_prep prep;
+  st = pvl__retain_prepare(c, t, keep, k, &prep, __func__);
+  if (st == PVL_SUCCESS)
+    st = pvl__retain_commit(c, t, layer, keep, k, &prep, stream, __func__);
+  pvl__free(c->alloc, mem, bytes);
+  if (st != PVL_SUCCESS) return st;
+  pvl__obs_drop(c, s, layer);
+  *did = 1;
+  return PVL_SUCCESS;
+}
