@@ -135,7 +135,9 @@ typedef struct pvl_allocator {
 typedef struct pvl_config {
   size_t size;          /* sizeof(pvl_config), set by pvl_config_init */
   pvl_backend backend;  /* default PVL_BACKEND_AUTO */
-  int32_t device;       /* CUDA device ordinal, default 0 */
+  int32_t device;       /* CUDA device ordinal, default 0. Create makes it
+                           current; keep it current for the cache's calls
+                           (as with an NCCL communicator) */
   pvl_dtype dtype;      /* K/V/Q/output element type, default F16 */
   uint32_t num_layers;  /* layers this cache holds (>= 1) */
   uint32_t num_q_heads; /* query heads; a multiple of num_kv_heads */
