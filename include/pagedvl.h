@@ -140,7 +140,7 @@ typedef struct pvl_config {
                            (as with an NCCL communicator) */
   pvl_dtype dtype;      /* K/V/Q/output element type, default F16 */
   uint32_t num_layers;  /* layers this cache holds (>= 1) */
-  uint32_t num_q_heads; /* query heads; a multiple of num_kv_heads */
+  uint32_t num_q_heads; /* query heads; a multiple of num_kv_heads, <= 16384 */
   uint32_t num_kv_heads;/* KV heads this cache holds (>= 1) */
   uint32_t head_dim;    /* CPU: 1..1024; CUDA kernels: 64, 128 or 256 */
   uint32_t block_size;  /* tokens per block. CPU: 1..1024; CUDA: 16 or 32 */
@@ -446,6 +446,8 @@ PVL_API pvl_status pvl_attention_decode(pvl_plan *plan, uint32_t layer,
  *   find lambda with sum_l clip(lambda * d_l * m, lo, m) = T, floor each
  *   term and give the remaining units one each to the largest fractional
  *   parts (ties: lower layer first) below m, so sum_l k_l = T exactly.
+ *   Layers of density 0 get lo, and more only if the others are all at m
+ *   (then the rest is spread evenly over them).
  * - Uniform budgets (streaming, h2o, snapkv): k_l = max(1, round(alpha*m)).
  * - PyramidKV budgets (kvpress): w = snap_window, C = alpha * m,
  *   lo = C / beta, hi = 2C - lo; if hi >= m - w then hi = m - w and
@@ -466,7 +468,8 @@ PVL_API pvl_status pvl_attention_decode(pvl_plan *plan, uint32_t layer,
  *   then the top scores among the rest; ties break toward the later
  *   position; kept tokens keep their order and logical positions.
  *   streaming: the first min(sink_tokens, k_l) tokens and the most recent
- *   rest. full: everything. Tokens appended by decode are never candidates
+ *   rest. full: everything (its budget is m; pvl_policy_select refuses a
+ *   smaller one). Tokens appended by decode are never candidates
  *   of pvl_compress: they stay.
  * - No visual span (or none with a prompt token after it): the window
  *   falls back to the last min(fallback_window, m) prompt tokens
@@ -586,7 +589,11 @@ typedef struct pvl_compress_report {
   uint64_t kept_total;     /* sum of kept prompt tokens over layers */
   uint32_t blocks_before;  /* blocks held by the sequence before */
   uint32_t blocks_after;
-  uint32_t blocks_freed;   /* returned to the pool's free list */
+  uint32_t blocks_freed;   /* returned to the pool's free list (blocks
+                              shared with a fork only lose a reference;
+                              compaction also takes fresh blocks, so the
+                              free count rises by blocks_freed minus the
+                              blocks the gather filled) */
   double keep_ratio;       /* realised: kept_total / (L * m) */
 } pvl_compress_report;
 

@@ -56,6 +56,24 @@ pvl_status pvl__fail(const pvl_cache *c, pvl_status st, const char *fn,
   return st;
 }
 
+/* dst = prefix ": " old-dst, truncated to the buffer. */
+static void prepend(char *dst, const char *prefix) {
+  char tmp[PVL_ERRMSG_LEN];
+  size_t np = strlen(prefix), nd = strlen(dst);
+  if (np + 2 >= PVL_ERRMSG_LEN) np = PVL_ERRMSG_LEN - 3;
+  if (np + 2 + nd >= PVL_ERRMSG_LEN) nd = PVL_ERRMSG_LEN - 3 - np;
+  memcpy(tmp, prefix, np);
+  memcpy(tmp + np, ": ", 2);
+  memcpy(tmp + np + 2, dst, nd);
+  tmp[np + 2 + nd] = '\0';
+  memcpy(dst, tmp, np + 3 + nd);
+}
+
+pvl_status pvl__prefix(const pvl_cache *c, pvl_status st, const char *fn) {
+  prepend(c ? ((pvl_cache *)c)->err : g_create_err, fn);
+  return st;
+}
+
 const char *pvl_cache_last_error(const pvl_cache *cache) {
   if (!cache) return "pvl_cache_last_error: cache is NULL";
   return cache->err;
@@ -88,7 +106,8 @@ void *pvl__scratch(pvl_cache *c, size_t bytes) {
 }
 
 static pvl_status check_config(const pvl_config *cfg) {
-#define BAD(...) PVL_FAIL(NULL, PVL_ERR_INVALID_ARGUMENT, __VA_ARGS__)
+#define BAD(...) \
+  pvl__fail(NULL, PVL_ERR_INVALID_ARGUMENT, "pvl_cache_create", __VA_ARGS__)
   if (cfg->size != sizeof(pvl_config))
     return BAD("cfg->size = %zu, expected %zu: initialize with "
                "pvl_config_init",
@@ -102,6 +121,8 @@ static pvl_status check_config(const pvl_config *cfg) {
     return BAD("num_layers = %u, must be in [1, 4096]", cfg->num_layers);
   if (cfg->num_kv_heads == 0 || cfg->num_kv_heads > 1024)
     return BAD("num_kv_heads = %u, must be in [1, 1024]", cfg->num_kv_heads);
+  if (cfg->num_q_heads > 16384)
+    return BAD("num_q_heads = %u, must be at most 16384", cfg->num_q_heads);
   if (cfg->num_q_heads == 0 || cfg->num_q_heads % cfg->num_kv_heads != 0)
     return BAD("num_q_heads = %u must be a positive multiple of "
                "num_kv_heads = %u",
@@ -135,15 +156,16 @@ static pvl_status pick_backend(const pvl_config *cfg,
     return PVL_SUCCESS;
   case PVL_BACKEND_CUDA:
     if (!cuda)
-      return PVL_FAIL(NULL, PVL_ERR_UNSUPPORTED,
-                      "this libpagedvl was built without CUDA");
+      return pvl__fail(NULL, PVL_ERR_UNSUPPORTED, "pvl_cache_create",
+                       "this libpagedvl was built without CUDA");
     *out = cuda;
     return PVL_SUCCESS;
   case PVL_BACKEND_AUTO:
     *out = cuda ? cuda : &pvl__cpu_backend;
     return PVL_SUCCESS;
   }
-  return PVL_FAIL(NULL, PVL_ERR_INVALID_ARGUMENT, "unknown backend");
+  return pvl__fail(NULL, PVL_ERR_INVALID_ARGUMENT, "pvl_cache_create",
+                   "unknown backend");
 }
 
 static void cache_free_meta(pvl_cache *c) {
@@ -163,7 +185,9 @@ static pvl_status create_on(const pvl_config *cfg, const pvl_backend_ops *be,
   const pvl_allocator *a =
       cfg->allocator ? cfg->allocator : pvl__default_allocator();
   pvl_cache *c = pvl__alloc(a, sizeof(*c));
-  if (!c) return PVL_FAIL(NULL, PVL_ERR_NO_MEMORY, "cache struct");
+  if (!c)
+    return pvl__fail(NULL, PVL_ERR_NO_MEMORY, "pvl_cache_create",
+                     "cache struct");
   memset(c, 0, sizeof(*c));
   c->cfg = *cfg;
   c->alloc = a;
@@ -184,7 +208,8 @@ static pvl_status create_on(const pvl_config *cfg, const pvl_backend_ops *be,
   c->layer_tokens = pvl__alloc(a, cfg->num_layers * sizeof(uint64_t));
   if (!c->slots || !c->slot_gen || !c->free_slots || !c->layer_tokens) {
     cache_free_meta(c);
-    return PVL_FAIL(NULL, PVL_ERR_NO_MEMORY, "sequence slots");
+    return pvl__fail(NULL, PVL_ERR_NO_MEMORY, "pvl_cache_create",
+                     "sequence slots");
   }
   for (uint32_t i = 0; i < ms; i++) {
     c->slots[i] = NULL;
@@ -199,7 +224,8 @@ static pvl_status create_on(const pvl_config *cfg, const pvl_backend_ops *be,
   if (st != PVL_SUCCESS) {
     /* be->init recorded its message in c->err; move it where
      * pvl_create_last_error finds it. */
-    snprintf(g_create_err, sizeof(g_create_err), "%s", c->err);
+    memcpy(g_create_err, c->err, PVL_ERRMSG_LEN);
+    prepend(g_create_err, "pvl_cache_create");
     cache_free_meta(c);
     return st;
   }
@@ -207,8 +233,8 @@ static pvl_status create_on(const pvl_config *cfg, const pvl_backend_ops *be,
   if (st != PVL_SUCCESS) {
     be->fini(c);
     cache_free_meta(c);
-    return PVL_FAIL(NULL, st, "pool metadata for %u blocks",
-                    c->cfg.num_blocks);
+    return pvl__fail(NULL, st, "pvl_cache_create",
+                     "pool metadata for %u blocks", c->cfg.num_blocks);
   }
   c->err[0] = '\0';
   *out = c;

@@ -88,7 +88,7 @@ pvl_status pvl_observe(pvl_cache *c, pvl_seq_id id, uint32_t layer,
   if (!(threshold > 0.0f && threshold < 1.0f))
     return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
                     "threshold = %g, must be in (0, 1)", (double)threshold);
-  if (scale != 0.0f && !(scale > 0.0f && scale <= 3.4e38f))
+  if (scale != 0.0f && !(scale > 0.0f && isfinite(scale)))
     return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
                     "scale = %g must be 0 (default) or finite and > 0",
                     (double)scale);
@@ -116,7 +116,7 @@ pvl_status pvl_observe(pvl_cache *c, pvl_seq_id id, uint32_t layer,
                       stream);
   if (st != PVL_SUCCESS) {
     if (fresh) obs_free(c, o);
-    return st;
+    return PVL_PREFIX(c, st);
   }
   o->n_rows += n_rows;
   if (fresh) {
@@ -279,9 +279,11 @@ pvl_status pvl_compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
     free_sim = free_sim - prep[l].n_new + prep[l].n_freed;
   }
 
-  uint32_t blocks_before = 0, blocks_after = 0;
-  const uint32_t free_before = c->pool.num_free;
-  for (uint32_t l = 0; l < L; l++) blocks_before += s->tables[l].n_blocks;
+  uint32_t blocks_before = 0, blocks_after = 0, blocks_freed = 0;
+  for (uint32_t l = 0; l < L; l++) {
+    blocks_before += s->tables[l].n_blocks;
+    blocks_freed += prep[l].n_freed;
+  }
   for (uint32_t l = 0; l < L; l++) {
     pvl_table *t = &s->tables[l];
     uint32_t n = (uint32_t)((l + 1 < L ? koff[l + 1] : off) - koff[l]);
@@ -309,7 +311,7 @@ pvl_status pvl_compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
     report->kept_total = kept_total;
     report->blocks_before = blocks_before;
     report->blocks_after = blocks_after;
-    report->blocks_freed = c->pool.num_free - free_before;
+    report->blocks_freed = blocks_freed;
     report->keep_ratio = (double)kept_total / ((double)L * m);
   }
   st = PVL_SUCCESS;

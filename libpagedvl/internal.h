@@ -218,6 +218,11 @@ PVL_INTERNAL pvl_status pvl__fail(const pvl_cache *c, pvl_status st,
                                   const char *fn, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 #define PVL_FAIL(c, st, ...) pvl__fail((c), (st), __func__, __VA_ARGS__)
+/* Prefixes the recorded message with the public function `fn` (for errors
+ * raised inside backends and helpers) and returns `st`. */
+PVL_INTERNAL pvl_status pvl__prefix(const pvl_cache *c, pvl_status st,
+                                    const char *fn);
+#define PVL_PREFIX(c, st) pvl__prefix((c), (st), __func__)
 
 /* Ensures the scratch buffer holds `bytes`; NULL on allocation failure. */
 PVL_INTERNAL void *pvl__scratch(pvl_cache *c, size_t bytes);

@@ -81,7 +81,7 @@ pvl_status pvl_plan_create(pvl_cache *c, uint32_t max_seqs,
   pvl_status st = c->be->plan_init(p);
   if (st != PVL_SUCCESS) {
     plan_free(p);
-    return st;
+    return PVL_PREFIX(c, st);
   }
   p->info.max_seqs = max_seqs;
   p->info.block_capacity = cap;
@@ -305,7 +305,7 @@ pvl_status pvl_plan_build(pvl_plan *p, const pvl_seq_id *seqs, uint32_t n,
   st = c->be->plan_upload(p, p->pairs, (uint32_t)k, stream);
   if (st != PVL_SUCCESS) {
     p->stale = true; /* the device may hold part of it: rewrite next time */
-    return st;
+    return PVL_PREFIX(c, st);
   }
   p->info.n_seqs = n;
   p->info.last_update_entries = k;
@@ -362,7 +362,8 @@ pvl_status pvl_plan_kv_write(pvl_plan *p, uint32_t layer, const void *k,
                       b, layer);
   }
   if (p->n_seqs == 0) return PVL_SUCCESS;
-  return c->be->plan_kv_write(p, layer, k, v, stream);
+  st = c->be->plan_kv_write(p, layer, k, v, stream);
+  return st == PVL_SUCCESS ? st : PVL_PREFIX(c, st);
 }
 
 pvl_status pvl_attention_decode(pvl_plan *p, uint32_t layer, const void *q,
@@ -371,7 +372,7 @@ pvl_status pvl_attention_decode(pvl_plan *p, uint32_t layer, const void *q,
   pvl_cache *c = p->cache;
   if (p->n_seqs > 0 && (!q || !out))
     return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "q or out is NULL");
-  if (scale != 0.0f && !(scale > 0.0f && scale <= 3.4e38f))
+  if (scale != 0.0f && !(scale > 0.0f && isfinite(scale)))
     return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
                     "scale = %g must be 0 (default) or finite and > 0",
                     (double)scale);
@@ -379,5 +380,6 @@ pvl_status pvl_attention_decode(pvl_plan *p, uint32_t layer, const void *q,
   if (st != PVL_SUCCESS) return st;
   if (p->n_seqs == 0) return PVL_SUCCESS;
   if (scale == 0.0f) scale = 1.0f / sqrtf((float)c->cfg.head_dim);
-  return c->be->attention(p, layer, q, out, scale, stream);
+  st = c->be->attention(p, layer, q, out, scale, stream);
+  return st == PVL_SUCCESS ? st : PVL_PREFIX(c, st);
 }

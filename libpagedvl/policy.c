@@ -144,13 +144,14 @@ static void budgets_waterfill(const pvl_policy *p, uint32_t L, uint32_t m,
   double Z = 0.0;
   for (uint32_t l = 0; l < L; l++) Z += d[l];
   /* x_l(lambda) = clip(lambda * w_l, lo, m) is monotone in lambda; w_l = d_l
-   * * m, or uniform weights when every density is zero. Bisection to double
-   * precision, then largest-remainder rounding. */
+   * * m plus a uniform floor 1e-12 * m, so that layers of density 0 grow
+   * only once every other layer is at m (and T is always reachable).
+   * Bisection to double precision, then largest-remainder rounding. */
   double hi_lam = 1.0, lo_lam = 0.0;
   for (int it = 0; it < 200; it++) {
     double sum = 0.0;
     for (uint32_t l = 0; l < L; l++) {
-      double w = Z > 0.0 ? (double)d[l] * m : (double)m;
+      double w = Z > 0.0 ? ((double)d[l] + 1e-12) * m : (double)m;
       double x = hi_lam * w;
       sum += x < lo ? lo : x > m ? m : x;
     }
@@ -160,7 +161,7 @@ static void budgets_waterfill(const pvl_policy *p, uint32_t L, uint32_t m,
   for (int it = 0; it < 200; it++) {
     double mid = 0.5 * (lo_lam + hi_lam), sum = 0.0;
     for (uint32_t l = 0; l < L; l++) {
-      double w = Z > 0.0 ? (double)d[l] * m : (double)m;
+      double w = Z > 0.0 ? ((double)d[l] + 1e-12) * m : (double)m;
       double x = mid * w;
       sum += x < lo ? lo : x > m ? m : x;
     }
@@ -171,7 +172,7 @@ static void budgets_waterfill(const pvl_policy *p, uint32_t L, uint32_t m,
   }
   uint64_t total = 0;
   for (uint32_t l = 0; l < L; l++) {
-    double w = Z > 0.0 ? (double)d[l] * m : (double)m;
+    double w = Z > 0.0 ? ((double)d[l] + 1e-12) * m : (double)m;
     double x = hi_lam * w;
     x = x < lo ? lo : x > m ? m : x;
     out[l] = (uint32_t)floor(x);
@@ -186,7 +187,7 @@ static void budgets_waterfill(const pvl_policy *p, uint32_t L, uint32_t m,
     double best_frac = add ? -1.0 : 2.0;
     for (uint32_t l = 0; l < L; l++) {
       if (add ? out[l] >= m : out[l] <= lo) continue;
-      double w = Z > 0.0 ? (double)d[l] * m : (double)m;
+      double w = Z > 0.0 ? ((double)d[l] + 1e-12) * m : (double)m;
       double x = hi_lam * w;
       x = x < lo ? lo : x > m ? m : x;
       double frac = x - (double)out[l];
@@ -360,6 +361,10 @@ pvl_status pvl_policy_select(const pvl_policy *p, uint32_t m, uint32_t budget,
   const uint32_t k = budget < m ? budget : m;
   const bool scored_kind =
       p->kind != PVL_POLICY_FULL && p->kind != PVL_POLICY_STREAMING;
+  if (p->kind == PVL_POLICY_FULL && budget < m)
+    return PVL_FAIL(NULL, PVL_ERR_INVALID_ARGUMENT,
+                    "policy full keeps every token: budget %u < m = %u",
+                    budget, m);
   if (scored_kind && k < m) {
     if (!scores)
       return PVL_FAIL(NULL, PVL_ERR_INVALID_ARGUMENT,

@@ -158,23 +158,26 @@ void pvl__seq_free_all(pvl_cache *c) {
 
 static pvl_status check_spans(const pvl_cache *c, uint32_t n_prompt,
                               const pvl_span *v, uint32_t n) {
+#define PVL_FAIL_ADD(c, st, ...) \
+  pvl__fail((c), (st), "pvl_seq_add", __VA_ARGS__)
   if (n > 0 && !v)
-    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "visual is NULL, n = %u", n);
+    return PVL_FAIL_ADD(c, PVL_ERR_INVALID_ARGUMENT, "visual is NULL, n = %u", n);
   if (n > n_prompt)
-    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
+    return PVL_FAIL_ADD(c, PVL_ERR_INVALID_ARGUMENT,
                     "%u visual spans for %u prompt tokens", n, n_prompt);
   for (uint32_t i = 0; i < n; i++) {
     if (v[i].begin >= v[i].end || v[i].end > n_prompt)
-      return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
+      return PVL_FAIL_ADD(c, PVL_ERR_INVALID_ARGUMENT,
                       "visual[%u] = [%u, %u) is empty or outside the prompt "
                       "[0, %u)",
                       i, v[i].begin, v[i].end, n_prompt);
     if (i > 0 && v[i].begin < v[i - 1].end)
-      return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
+      return PVL_FAIL_ADD(c, PVL_ERR_INVALID_ARGUMENT,
                       "visual[%u] = [%u, %u) overlaps or precedes visual[%u]",
                       i, v[i].begin, v[i].end, i - 1);
   }
   return PVL_SUCCESS;
+#undef PVL_FAIL_ADD
 }
 
 pvl_status pvl_seq_add(pvl_cache *c, uint32_t n_prompt,
@@ -380,7 +383,7 @@ pvl_status pvl_seq_append(pvl_cache *c, const pvl_seq_id *seqs, uint32_t n,
     if (st != PVL_SUCCESS) {
       for (uint64_t j = 0; j < n_cow; j++)
         pvl__pool_decref(&c->pool, cow[n_cow + j]);
-      return st;
+      return PVL_PREFIX(c, st);
     }
   }
 
@@ -445,7 +448,9 @@ pvl_status pvl__retain_prepare(pvl_cache *c, pvl_table *t,
   prep->n_new = n_final - prep->n_stay;
   for (uint32_t j = prep->n_stay; j < t->n_blocks; j++)
     prep->n_freed += c->pool.refcount[t->blocks[j]] == 1;
-  if (moves || t->pos) {
+  /* Without a map, slot i is position i, and the next append's position
+   * is the slot count: true only while nothing was dropped. */
+  if (moves || t->pos || n_keep < t->n_tokens) {
     prep->cap_pos = n_keep + 16;
     prep->new_pos = pvl__alloc(c->alloc, prep->cap_pos * sizeof(uint32_t));
     if (!prep->new_pos)
@@ -493,7 +498,7 @@ pvl_status pvl__retain_commit(pvl_cache *c, pvl_table *t, uint32_t layer,
     if (st != PVL_SUCCESS) {
       for (uint32_t j = 0; j < n_new; j++) pvl__pool_decref(&c->pool, dst[j]);
       pvl__retain_abort(c, prep);
-      return st;
+      return pvl__prefix(c, st, fn);
     }
   }
   /* Commit: nothing below fails. */
@@ -560,7 +565,8 @@ pvl_status pvl_kv_write(pvl_cache *c, pvl_seq_id id, uint32_t layer,
                       "block %d (slot %u of layer %u) is shared with a fork "
                       "and read-only",
                       t->blocks[b], b * bs, layer);
-  return c->be->write_range(c, t->blocks + b0, first % bs, n, k, v, stream);
+  st = c->be->write_range(c, t->blocks + b0, first % bs, n, k, v, stream);
+  return st == PVL_SUCCESS ? st : PVL_PREFIX(c, st);
 }
 
 pvl_status pvl_kv_read(const pvl_cache *c, pvl_seq_id id, uint32_t layer,
@@ -572,8 +578,9 @@ pvl_status pvl_kv_read(const pvl_cache *c, pvl_seq_id id, uint32_t layer,
   if (st == PVL_SUCCESS) st = check_range(c, t, first, n, k, v, __func__);
   if (st != PVL_SUCCESS || n == 0) return st;
   const uint32_t bs = c->cfg.block_size;
-  return c->be->read_range(c, t->blocks + first / bs, first % bs, n, k, v,
-                           stream);
+  st = c->be->read_range(c, t->blocks + first / bs, first % bs, n, k, v,
+                         stream);
+  return st == PVL_SUCCESS ? st : PVL_PREFIX(c, st);
 }
 
 /* ---- queries ---- */
@@ -670,6 +677,8 @@ pvl_status pvl_blocks_for_prompt(const pvl_cache *c, uint32_t n_prompt,
 
 pvl_status pvl_can_add(const pvl_cache *c, uint32_t n_prompt,
                        pvl_admit *out) {
+  if (!c || !out)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache or out is NULL");
   uint64_t need;
   pvl_status st = pvl_blocks_for_prompt(c, n_prompt, &need);
   if (st != PVL_SUCCESS) return st;
