@@ -363,6 +363,27 @@ static pvl_status cpu_observe(pvl_cache *c, const pvl_table *t, const void *q,
   return PVL_SUCCESS;
 }
 
+/* Reference segmented top-k: the twin of kernels/select.cu. */
+static pvl_status cpu_select_top(pvl_cache *c, const float *scores,
+                                 const int32_t *seg_off, const int32_t *n_top,
+                                 const int32_t *keep_off, uint32_t n_seg,
+                                 uint32_t total, int32_t *keep,
+                                 uint32_t total_keep, void *stream) {
+  (void)stream;
+  (void)total;
+  (void)total_keep;
+  for (uint32_t i = 0; i < n_seg; i++) {
+    /* int32 and uint32 share a representation for these indices. */
+    pvl_status st = pvl__top(c->alloc, scores + seg_off[i],
+                             (uint32_t)(seg_off[i + 1] - seg_off[i]),
+                             (uint32_t)n_top[i],
+                             (uint32_t *)(keep + keep_off[i]));
+    if (st != PVL_SUCCESS)
+      return PVL_FAIL(c, st, "selection scratch for segment %u", i);
+  }
+  return PVL_SUCCESS;
+}
+
 const pvl_backend_ops pvl__cpu_backend = {
     .name = "cpu",
     .init = cpu_init,
@@ -377,4 +398,5 @@ const pvl_backend_ops pvl__cpu_backend = {
     .plan_kv_write = cpu_plan_kv_write,
     .attention = cpu_attention,
     .observe = cpu_observe,
+    .select_top = cpu_select_top,
 };

@@ -177,6 +177,95 @@ static void obs_scores(const pvl_policy *p, const pvl_obs *o, uint32_t m,
   pvl_policy_scores(p, m, raw_tmp, o->seen, o->n_rows, out);
 }
 
+/* Keep lists of every layer: the kept prompt positions, then the decoded
+ * tokens (never candidates: they stay); keep + koff[l] has room for
+ * min(budget, m) + decoded entries. The top-score part of every layer is
+ * one segmented top-k by the backend (CUB's segmented sort on the GPU: one
+ * upload of the scores, one download of the kept indices); the recent
+ * window, sinks and the unscored policies are placed here. */
+static pvl_status select_layers(pvl_cache *c, const pvl_policy *p,
+                                   const pvl_seq *s, const uint32_t *budget,
+                                   uint32_t *keep, const uint64_t *koff,
+                                   void *stream) {
+  const uint32_t L = c->cfg.num_layers, m = s->n_prompt;
+  if (!policy_scored(p)) {
+    /* full and streaming: positions only, nothing to rank. */
+    for (uint32_t l = 0; l < L; l++) {
+      const uint32_t k = budget[l] < m ? budget[l] : m;
+      uint32_t *kl = keep + koff[l];
+      pvl__select(c->alloc, p, m, k, NULL, kl); /* allocates nothing */
+      for (uint32_t j = m; j < s->tables[l].n_tokens; j++) kl[k + (j - m)] = j;
+    }
+    return PVL_SUCCESS;
+  }
+  /* Per layer: recent r, candidates m - r, top part k - r. */
+  uint64_t total = 0, total_top = 0;
+  for (uint32_t l = 0; l < L; l++) {
+    const uint32_t k = budget[l] < m ? budget[l] : m;
+    if (k >= m) continue;
+    const uint32_t r = pvl__policy_recent(p, m, k);
+    total += m - r;
+    total_top += k - r;
+  }
+  if (total > INT32_MAX)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
+                    "%llu candidates exceed the selection kernel's int32",
+                    (unsigned long long)total);
+  const size_t bytes = (size_t)total * sizeof(float) +
+                       2 * (size_t)m * sizeof(float) +
+                       (3 * (size_t)L + 1) * sizeof(int32_t) +
+                       (size_t)total_top * sizeof(int32_t) + 16;
+  char *mem = pvl__alloc(c->alloc, bytes);
+  if (!mem) return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "selection staging");
+  float *sc = (float *)mem, *raw_tmp = sc + total, *full = raw_tmp + m;
+  int32_t *seg_off = (int32_t *)(full + m);
+  int32_t *n_top = seg_off + L + 1, *keep_off = n_top + L;
+  int32_t *top = keep_off + L;
+  uint32_t n_seg = 0;
+  int32_t so = 0, ko = 0;
+  for (uint32_t l = 0; l < L; l++) {
+    const uint32_t k = budget[l] < m ? budget[l] : m;
+    if (k >= m) continue;
+    const uint32_t r = pvl__policy_recent(p, m, k);
+    /* The transform needs all m keys; the first m - r compete. */
+    obs_scores(p, s->obs[l], m, raw_tmp, full);
+    memcpy(sc + so, full, (size_t)(m - r) * sizeof(float));
+    seg_off[n_seg] = so;
+    n_top[n_seg] = (int32_t)(k - r);
+    keep_off[n_seg] = ko;
+    so += (int32_t)(m - r);
+    ko += (int32_t)(k - r);
+    n_seg++;
+  }
+  seg_off[n_seg] = so;
+  pvl_status st = PVL_SUCCESS;
+  if (n_seg > 0)
+    st = c->be->select_top(c, sc, seg_off, n_top, keep_off, n_seg,
+                           (uint32_t)total, top, (uint32_t)total_top, stream);
+  if (st != PVL_SUCCESS) {
+    pvl__free(c->alloc, mem, bytes);
+    return PVL_PREFIX(c, st);
+  }
+  uint32_t seg = 0;
+  for (uint32_t l = 0; l < L; l++) {
+    const pvl_table *t = &s->tables[l];
+    const uint32_t k = budget[l] < m ? budget[l] : m;
+    uint32_t *kl = keep + koff[l];
+    if (k >= m) {
+      for (uint32_t i = 0; i < m; i++) kl[i] = i;
+    } else {
+      const uint32_t r = pvl__policy_recent(p, m, k);
+      for (uint32_t i = 0; i < k - r; i++)
+        kl[i] = (uint32_t)top[keep_off[seg] + (int32_t)i];
+      for (uint32_t i = 0; i < r; i++) kl[k - r + i] = m - r + i;
+      seg++;
+    }
+    for (uint32_t j = m; j < t->n_tokens; j++) kl[k + (j - m)] = j;
+  }
+  pvl__free(c->alloc, mem, bytes);
+  return PVL_SUCCESS;
+}
+
 pvl_status pvl_compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
                         pvl_compress_report *report, void *stream) {
   if (!c) return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache is NULL");
@@ -209,15 +298,14 @@ pvl_status pvl_compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
     n_keep_all += t->n_tokens;
   }
 
-  /* Host scratch: densities, budgets, scores and raw sums [m], keep lists
-   * and preparations. One allocation, freed on every path. */
+  /* Host scratch: preparations, keep-list offsets, densities, budgets and
+   * keep lists. One allocation, freed on every path. */
   const size_t sz_f = (size_t)L * sizeof(float);
   const size_t sz_u = (size_t)L * sizeof(uint32_t);
-  const size_t sz_m = 2 * (size_t)m * sizeof(float);
   const size_t sz_k = n_keep_all * sizeof(uint32_t);
   const size_t sz_p = (size_t)L * sizeof(pvl_retain_prep);
   const size_t sz_o = (size_t)L * sizeof(uint64_t);
-  const size_t bytes = sz_p + sz_o + sz_f + sz_u + sz_m + sz_k;
+  const size_t bytes = sz_p + sz_o + sz_f + sz_u + sz_k;
   char *mem = pvl__alloc(c->alloc, bytes);
   if (!mem)
     return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "compression scratch (%zu bytes)",
@@ -226,9 +314,7 @@ pvl_status pvl_compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
   uint64_t *koff = (uint64_t *)(mem + sz_p);
   float *density = (float *)(mem + sz_p + sz_o);
   uint32_t *budget = (uint32_t *)(mem + sz_p + sz_o + sz_f);
-  float *raw_tmp = (float *)(mem + sz_p + sz_o + sz_f + sz_u);
-  float *scores = raw_tmp + m;
-  uint32_t *keep = (uint32_t *)(mem + sz_p + sz_o + sz_f + sz_u + sz_m);
+  uint32_t *keep = (uint32_t *)(mem + sz_p + sz_o + sz_f + sz_u);
   /* Zeroed preparations abort as no-ops, so `out` aborts them all. */
   memset(prep, 0, sz_p);
 
@@ -248,21 +334,13 @@ pvl_status pvl_compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
    * ready and the pool is known to suffice. */
   uint64_t off = 0, kept_total = 0;
   for (uint32_t l = 0; l < L; l++) {
-    const pvl_table *t = &s->tables[l];
     const uint32_t k = budget[l] < m ? budget[l] : m;
-    uint32_t *kl = keep + off;
     koff[l] = off;
-    if (scored && k < m) obs_scores(p, s->obs[l], m, raw_tmp, scores);
-    st = pvl__select(c->alloc, p, m, k, scores, kl);
-    if (st != PVL_SUCCESS) {
-      st = PVL_FAIL(c, st, "selection scratch for layer %u", l);
-      goto out;
-    }
-    /* Decoded tokens are not candidates: they stay. */
-    for (uint32_t j = m; j < t->n_tokens; j++) kl[k + (j - m)] = j;
-    off += k + (t->n_tokens - m);
+    off += k + (s->tables[l].n_tokens - m);
     kept_total += k;
   }
+  st = select_layers(c, p, s, budget, keep, koff, stream);
+  if (st != PVL_SUCCESS) goto out;
   uint64_t free_sim = c->pool.num_free;
   for (uint32_t l = 0; l < L; l++) {
     pvl_table *t = &s->tables[l];

@@ -130,6 +130,10 @@ PVL_INTERNAL pvl_status pvl__select(const pvl_allocator *a,
                                     const pvl_policy *p, uint32_t m,
                                     uint32_t k, const float *scores,
                                     uint32_t *keep);
+/* The k best of scores[0..n) (higher first, ties: later index) written
+ * ascending to out[0..k). NO_MEMORY only. */
+PVL_INTERNAL pvl_status pvl__top(const pvl_allocator *a, const float *scores,
+                                 uint32_t n, uint32_t k, uint32_t *out);
 PVL_INTERNAL void pvl__policy_rows(const pvl_policy *p, uint32_t m,
                                    const pvl_span *spans, uint32_t n_spans,
                                    uint32_t *first, uint32_t *n,
@@ -171,6 +175,15 @@ typedef struct pvl_backend_ops {
   pvl_status (*observe)(pvl_cache *c, const pvl_table *t, const void *q,
                         uint32_t first_pos, uint32_t n_rows, float scale,
                         float log_p, pvl_obs *obs, void *stream);
+  /* Segmented top-k (pvl_compress, all layers at once):
+   * segment i holds scores[seg_off[i] .. seg_off[i + 1]); its n_top[i]
+   * best (ties: later index) go ascending to keep[keep_off[i] ..]. Host
+   * arrays in and out; returns when keep is filled. */
+  pvl_status (*select_top)(pvl_cache *c, const float *scores,
+                           const int32_t *seg_off, const int32_t *n_top,
+                           const int32_t *keep_off, uint32_t n_seg,
+                           uint32_t total, int32_t *keep,
+                           uint32_t total_keep, void *stream);
 } pvl_backend_ops;
 
 PVL_INTERNAL extern const pvl_backend_ops pvl__cpu_backend;

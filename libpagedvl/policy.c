@@ -330,24 +330,28 @@ pvl_status pvl__select(const pvl_allocator *a, const pvl_policy *p,
     return PVL_SUCCESS;
   }
   const uint32_t r = pvl__policy_recent(p, m, k), rest = k - r;
-  /* Candidates for the top-score part: positions [0, m - r). */
-  const uint32_t n = m - r;
-  uint32_t o = 0;
-  if (rest) {
-    scored *v = pvl__alloc(a, (size_t)n * sizeof(scored));
-    if (!v) return PVL_ERR_NO_MEMORY;
-    for (uint32_t i = 0; i < n; i++) {
-      v[i].score = scores[i];
-      v[i].index = i;
-    }
-    /* A full sort is O(m log m) on a few thousand keys per layer: simple and
-     * deterministic. The GPU path selects with CUB. */
-    qsort(v, n, sizeof(scored), cmp_scored);
-    for (uint32_t i = 0; i < rest; i++) keep[o++] = v[i].index;
-    pvl__free(a, v, (size_t)n * sizeof(scored));
-    qsort(keep, o, sizeof(uint32_t), cmp_u32);
+  /* The top part competes over positions [0, m - r). */
+  if (rest && pvl__top(a, scores, m - r, rest, keep) != PVL_SUCCESS)
+    return PVL_ERR_NO_MEMORY;
+  for (uint32_t i = 0; i < r; i++) keep[rest + i] = m - r + i;
+  return PVL_SUCCESS;
+}
+
+pvl_status pvl__top(const pvl_allocator *a, const float *scores, uint32_t n,
+                    uint32_t k, uint32_t *out) {
+  if (k == 0) return PVL_SUCCESS;
+  scored *v = pvl__alloc(a, (size_t)n * sizeof(scored));
+  if (!v) return PVL_ERR_NO_MEMORY;
+  for (uint32_t i = 0; i < n; i++) {
+    v[i].score = scores[i];
+    v[i].index = i;
   }
-  for (uint32_t i = 0; i < r; i++) keep[o++] = m - r + i;
+  /* A full sort is O(n log n) on a few thousand keys per layer: simple and
+   * deterministic. The GPU does the same with CUB's segmented sort. */
+  qsort(v, n, sizeof(scored), cmp_scored);
+  for (uint32_t i = 0; i < k; i++) out[i] = v[i].index;
+  pvl__free(a, v, (size_t)n * sizeof(scored));
+  qsort(out, k, sizeof(uint32_t), cmp_u32);
   return PVL_SUCCESS;
 }
 
