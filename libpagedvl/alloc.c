@@ -2,6 +2,7 @@
  * pvl_allocator; the default is one private jemalloc arena used only through
  * mallocx/sdallocx (Debian's jemalloc is unprefixed, so its malloc may or may
  * not be the process's: we never call it), or libc with PVL_USE_JEMALLOC=0. */
+#define _POSIX_C_SOURCE 200112L /* posix_memalign in the libc path */
 #include <stdlib.h>
 #include <string.h>
 
