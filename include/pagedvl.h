@@ -42,7 +42,9 @@
  *   thread at a time, like an NCCL communicator. Separate caches are
  *   independent and may be used from different threads at once.
  * - Data pointers (K, V, Q, outputs) live where the backend computes: host
- *   memory for PVL_BACKEND_CPU, device memory for PVL_BACKEND_CUDA. They are
+ *   memory for PVL_BACKEND_CPU, device memory for PVL_BACKEND_CUDA (16-byte
+ *   aligned there: the kernels load 16-byte vectors; cudaMalloc and the
+ *   frameworks' allocators align far more). They are
  *   borrowed for the duration of the call (or, on CUDA, until the work queued
  *   on `stream` has run) and never kept.
  * - `stream` is a cudaStream_t passed as void * (NULL = the default stream);
@@ -249,7 +251,8 @@ PVL_API pvl_status pvl_seq_retain(pvl_cache *cache, pvl_seq_id seq,
 
 typedef struct pvl_seq_info {
   uint32_t n_prompt;       /* prompt length at admission */
-  uint32_t n_decoded;      /* slots appended since admission (or fork) */
+  uint32_t n_decoded;      /* slots appended since admission (a fork
+                              starts from its parent's count) */
   uint32_t position;       /* next logical position: n_prompt + n_decoded */
   uint32_t n_visual_spans; /* spans given at admission */
   uint32_t min_tokens;     /* fewest tokens held by one layer */
@@ -279,7 +282,8 @@ PVL_API pvl_status pvl_seq_positions(const pvl_cache *cache, pvl_seq_id seq,
                                      uint32_t layer, uint32_t *pos,
                                      uint32_t cap, uint32_t *n);
 
-/* The visual spans given at admission: copies at most cap of them. */
+/* The visual spans given at admission into spans[0..cap); CAPACITY if cap
+ * is smaller than their number. */
 PVL_API pvl_status pvl_seq_visual_spans(const pvl_cache *cache,
                                         pvl_seq_id seq, pvl_span *spans,
                                         uint32_t cap, uint32_t *n);
@@ -298,12 +302,16 @@ typedef enum pvl_admit {
 PVL_API pvl_status pvl_can_add(const pvl_cache *cache, uint32_t n_prompt,
                                pvl_admit *out);
 
-/* Blocks pvl_seq_add(n_prompt) reserves: num_layers * ceil(n/block_size). */
+/* Blocks pvl_seq_add(n_prompt) reserves: num_layers * ceil(n/block_size);
+ * n_prompt = 0 is INVALID_ARGUMENT, as for pvl_seq_add. */
 PVL_API pvl_status pvl_blocks_for_prompt(const pvl_cache *cache,
                                          uint32_t n_prompt, uint64_t *out);
 
-/* Blocks the next pvl_seq_append of these sequences takes from the pool
- * (new blocks plus copy-on-write copies). */
+/* Free blocks the next pvl_seq_append of these sequences needs at once:
+ * new blocks plus copy-on-write copies. A sequence and its fork in one
+ * batch both copy their shared last block (the original is then freed), so
+ * this is the gross count, which is what the append checks. Rejects unknown
+ * and duplicate ids as the append does. */
 PVL_API pvl_status pvl_blocks_for_append(const pvl_cache *cache,
                                          const pvl_seq_id *seqs, uint32_t n,
                                          uint64_t *out);

@@ -231,10 +231,11 @@ static pvl_status create_on(const pvl_config *cfg, const pvl_backend_ops *be,
   }
   st = pvl__pool_init(&c->pool, a, c->cfg.num_blocks);
   if (st != PVL_SUCCESS) {
+    const uint32_t nb = c->cfg.num_blocks;
     be->fini(c);
     cache_free_meta(c);
     return pvl__fail(NULL, st, "pvl_cache_create",
-                     "pool metadata for %u blocks", c->cfg.num_blocks);
+                     "pool metadata for %u blocks", nb);
   }
   c->err[0] = '\0';
   *out = c;

@@ -309,13 +309,13 @@ pvl_status pvl_blocks_for_append(const pvl_cache *c, const pvl_seq_id *seqs,
                                  uint32_t n, uint64_t *out) {
   if (!c || !out)
     return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache or out is NULL");
-  if (n > 0 && !seqs)
-    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "seqs is NULL, n = %u", n);
+  /* Same validation as the append it predicts (duplicates included). */
+  pvl_status st =
+      pvl__seq_resolve_batch((pvl_cache *)c, seqs, n, NULL, __func__);
+  if (st != PVL_SUCCESS) return st;
   uint64_t need = 0;
   for (uint32_t i = 0; i < n; i++) {
-    pvl_seq *s = NULL;
-    pvl_status st = lookup(c, seqs[i], &s, __func__);
-    if (st != PVL_SUCCESS) return st;
+    const pvl_seq *s = pvl__seq_get(c, seqs[i]);
     for (uint32_t l = 0; l < c->cfg.num_layers; l++)
       need += append_kind(c, &s->tables[l]) != APPEND_IN_PLACE;
   }
@@ -661,8 +661,10 @@ pvl_status pvl_seq_visual_spans(const pvl_cache *c, pvl_seq_id id,
   pvl_seq *s = NULL;
   pvl_status st = lookup(c, id, &s, __func__);
   if (st != PVL_SUCCESS) return st;
-  uint32_t k = s->n_spans < cap ? s->n_spans : cap;
-  if (k) memcpy(spans, s->spans, k * sizeof(pvl_span));
+  if (cap < s->n_spans)
+    return PVL_FAIL(c, PVL_ERR_CAPACITY, "cap = %u < %u spans", cap,
+                    s->n_spans);
+  if (s->n_spans) memcpy(spans, s->spans, s->n_spans * sizeof(pvl_span));
   *n = s->n_spans;
   return PVL_SUCCESS;
 }
@@ -671,6 +673,8 @@ pvl_status pvl_blocks_for_prompt(const pvl_cache *c, uint32_t n_prompt,
                                  uint64_t *out) {
   if (!c || !out)
     return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache or out is NULL");
+  if (n_prompt == 0)
+    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "n_prompt = 0");
   *out = (uint64_t)ceil_div(n_prompt, c->cfg.block_size) * c->cfg.num_layers;
   return PVL_SUCCESS;
 }
@@ -679,11 +683,10 @@ pvl_status pvl_can_add(const pvl_cache *c, uint32_t n_prompt,
                        pvl_admit *out) {
   if (!c || !out)
     return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache or out is NULL");
-  uint64_t need;
-  pvl_status st = pvl_blocks_for_prompt(c, n_prompt, &need);
-  if (st != PVL_SUCCESS) return st;
   if (n_prompt == 0)
     return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "n_prompt = 0");
+  const uint64_t need =
+      (uint64_t)ceil_div(n_prompt, c->cfg.block_size) * c->cfg.num_layers;
   if (need > c->pool.num_blocks)
     *out = PVL_ADMIT_NEVER;
   else if (need > c->pool.num_free || c->num_free_slots == 0)
