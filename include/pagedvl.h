@@ -107,7 +107,9 @@ PVL_API uint32_t pvl_version(void);
 typedef enum pvl_backend {
   PVL_BACKEND_CPU = 0,  /* host memory; the reference implementation */
   PVL_BACKEND_CUDA = 1, /* device memory and CUDA kernels */
-  PVL_BACKEND_AUTO = 2  /* CUDA if built and a device is usable, else CPU */
+  PVL_BACKEND_AUTO = 2  /* CUDA if built, a device is usable and the
+                           kernels take the shape and dtype; else CPU.
+                           pvl_cache_config tells which one was chosen */
 } pvl_backend;
 
 typedef enum pvl_dtype {

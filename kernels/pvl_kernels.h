@@ -128,6 +128,49 @@ pvl_status pvlk_attention_decode(const void *storage, const pvl_kv_geom *g,
                                  float scale, void *workspace,
                                  size_t workspace_bytes, void *stream);
 
+/* ---- compression kernels ---- */
+
+/* Workspace bytes pvlk_observe needs (row statistics of pass 1). */
+size_t pvlk_observe_workspace_bytes(uint32_t n_rows, int32_t num_q_heads);
+
+/* Observation of n_rows query rows of one (sequence, layer) table
+ * (DESIGN.md section 5): q is [n_rows][num_q_heads][head_dim] in g->dtype,
+ * row i at logical position first_pos + i; key j lives in block
+ * block_ids[j / block_size], slot j % block_size, at logical position
+ * key_pos[j] (device array, ascending) or j when key_pos is NULL; a row sees
+ * the keys whose position <= its own. Pass 1: per (row, query head) the max
+ * logit and the sum of exp(logit - max) over the keys it sees. Pass 2:
+ * raw[j] = sum over rows and heads of exp(logit - max) / sum,
+ * seen[j] = rows that see key j, and per query head h: total[h] = entries
+ * seen, below[h] = entries with logit < max + log_p. Logit = scale * q.k,
+ * accumulated in fp32. Outputs (device arrays: raw and seen [n_keys],
+ * below and total [num_q_heads]) are OVERWRITTEN, not accumulated. No
+ * rows x keys matrix is materialized. */
+pvl_status pvlk_observe(const void *storage, const pvl_kv_geom *g,
+                        const int32_t *block_ids, const uint32_t *key_pos,
+                        uint32_t n_keys, int32_t num_q_heads, const void *q,
+                        uint32_t first_pos, uint32_t n_rows, float scale,
+                        float log_p, float *raw, uint32_t *seen,
+                        unsigned long long *below, unsigned long long *total,
+                        void *workspace, size_t workspace_bytes,
+                        void *stream);
+
+/* Workspace bytes pvlk_select_top needs for `total` candidates in n_seg
+ * segments (CUB's temporary storage plus key/value copies). */
+size_t pvlk_select_workspace_bytes(uint32_t total, uint32_t n_seg);
+
+/* Segmented top-k with CUB: segment s holds the candidates
+ * scores[seg_off[s] .. seg_off[s + 1]) (candidate i of the segment is
+ * index i); keep the n_top[s] highest scores (ties: the later index wins),
+ * written in ascending index order to keep[keep_off[s] ..
+ * keep_off[s] + n_top[s]). seg_off [n_seg + 1], n_top and keep_off [n_seg]
+ * are device arrays; n_top[s] <= segment length. Scores must not be NaN. */
+pvl_status pvlk_select_top(const float *scores, const int32_t *seg_off,
+                           const int32_t *n_top, const int32_t *keep_off,
+                           uint32_t n_seg, uint32_t total, int32_t *keep,
+                           void *workspace, size_t workspace_bytes,
+                           void *stream);
+
 #ifdef __cplusplus
 }
 #endif

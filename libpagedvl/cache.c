@@ -251,9 +251,11 @@ pvl_status pvl_cache_create(const pvl_config *cfg, pvl_cache **out) {
   st = pick_backend(cfg, &be);
   if (st != PVL_SUCCESS) return st;
   st = create_on(cfg, be, out);
-  /* AUTO falls back to the CPU when no device or driver is usable. */
-  if (st == PVL_ERR_NO_DEVICE && cfg->backend == PVL_BACKEND_AUTO &&
-      be != &pvl__cpu_backend)
+  /* AUTO falls back to the CPU when no device or driver is usable, or the
+   * kernels do not take this shape or dtype; pvl_cache_config says which
+   * backend was chosen. */
+  if ((st == PVL_ERR_NO_DEVICE || st == PVL_ERR_UNSUPPORTED) &&
+      cfg->backend == PVL_BACKEND_AUTO && be != &pvl__cpu_backend)
     st = create_on(cfg, &pvl__cpu_backend, out);
   if (st == PVL_SUCCESS) {
     pvl_cache *c = *out;

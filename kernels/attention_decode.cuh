@@ -1,0 +1,516 @@
+/* Decode attention over the paged pool (templates; launchers in
+ * attention_decode.cu). One CTA per (plan row, KV head, group chunk, split)
+ * reads each K/V tile once for all query heads of its GQA group; a second
+ * kernel merges the splits of long rows. */
+#ifndef PVL_KERNELS_ATTENTION_DECODE_CUH
+#define PVL_KERNELS_ATTENTION_DECODE_CUH
+
+#include <limits.h>
+
+#include "common.cuh"
+
+namespace pvlk {
+namespace decode {
+
+/* ---- tuning ----------------------------------------------------------------
+ * A CTA is 4 warps. Each warp streams its own tiles of K/V (4 KB: K and V of
+ * 4096 / (4 * head_dim) tokens) through a 3-stage cp.async ring in shared
+ * memory and keeps its own online-softmax state, so the main loop needs no
+ * CTA barrier; the warps merge once at the end. */
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kStages = 3;
+constexpr int kTileBytes = 4096;
+/* Query heads one CTA holds; larger GQA groups take several CTAs per KV head
+ * (each re-reads K/V). */
+constexpr int kMaxGroup = 8;
+/* Split-K: aim for kSlotsPerSm CTAs per SM; never more than kMaxSplits
+ * splits (one per lane in the combine kernel), never fewer than
+ * kMinSplitTokens tokens per split. */
+constexpr int kMaxSplits = 32;
+constexpr int kSlotsPerSm = 2;
+constexpr int kMinSplitTokens = 128;
+
+struct Params {
+  const char *storage;
+  int64_t block_bytes;
+  int64_t v_off; /* K row -> V row of the same (head, slot) */
+  /* The plan arrays of this layer (n_appended is shared by all layers). */
+  const int32_t *row_offset, *base_len, *n_appended, *block_ids;
+  const void *q;
+  void *out;
+  float *ws_acc; /* [n_seqs * num_q_heads * splits][head_dim], unnormalized */
+  float2 *ws_ml; /* [n_seqs * num_q_heads * splits] (max, sum), log2 units */
+  float qscale;  /* scale * log2(e): scores live in the exp2 domain */
+  int n_seqs, num_q_heads, num_kv_heads, group, chunks, splits;
+  int block_size, log_block, min_chunk_blocks;
+};
+
+__host__ __device__ constexpr int ilog2(int x) {
+  return x <= 1 ? 0 : 1 + ilog2(x / 2);
+}
+__host__ __device__ constexpr int cmin(int a, int b) { return a < b ? a : b; }
+
+/* Thread layout of one warp over a tile, for HD and GMAX query heads.
+ * A lane holds 8 dims (one 16-byte vector) of a K/V row: kTpr lanes cover a
+ * row, so a warp covers kRpw rows per vector step and lane (r, c) handles the
+ * tile's rows i * kRpw + r, i < kNt, at columns 8c..8c+7. Its kM partial dot
+ * products (head g, row i at index g * kNt + i) are reduced across the kTpr
+ * lanes of the row by a transposing butterfly: after it, lane c holds kMp
+ * complete scores, indices (c / kDup) * kMp + j, and the kLph lanes with the
+ * same c / kDup / kLph together hold one head's kNt scores. */
+template <int HD, int GMAX> struct Shape {
+  static constexpr int kTpr = HD / 8;
+  static constexpr int kRpw = 32 / kTpr;
+  /* Tokens per tile: K and V rows of HD 2-byte elements. */
+  static constexpr int kTile = kTileBytes / (4 * HD);
+  static constexpr int kNt = kTile / kRpw;
+  static constexpr int kM = kNt * GMAX;
+  static constexpr int kSteps = cmin(ilog2(kTpr), ilog2(kM)); /* transposing */
+  static constexpr int kDup = kTpr >> kSteps; /* lanes holding equal values */
+  static constexpr int kMp = kM >> kSteps;
+  static constexpr int kLph = kNt / kMp;
+
+  /* Per warp: the stage ring, then softmax weights p [2][kRpw][kM] and
+   * rescale factors [2][kRpw][GMAX], double-buffered by tile parity. */
+  static constexpr int kPBufFloats = 2 * kRpw * kM;
+  static constexpr int kABufFloats = 2 * kRpw * GMAX;
+  static constexpr int kRegion =
+      (kStages * kTileBytes + 4 * (kPBufFloats + kABufFloats) + 15) / 16 * 16;
+  static constexpr int kSmem = kWarps * kRegion;
+  /* After its loop a warp stores acc [kRpw][GMAX][HD], m and l [kRpw][GMAX]
+   * over its own stage ring. */
+  static constexpr int kMergeFloats = kRpw * GMAX * HD + 2 * kRpw * GMAX;
+
+  static_assert(HD % 64 == 0 && HD <= 256, "head_dim 64, 128 or 256");
+  static_assert(kNt == 4, "p is read back as one float4 per head");
+  static_assert(kMp <= kNt && kNt % kMp == 0,
+                "a lane's scores belong to one head");
+  static_assert(4 * kMergeFloats <= kStages * kTileBytes,
+                "merge data fits the ring");
+};
+
+/* Tokens of plan row b in this layer. */
+__device__ __forceinline__ int row_len(const Params &p, int b) {
+  const int64_t len = (int64_t)p.base_len[b] + p.n_appended[b];
+  /* Clamped so that rounding up to whole blocks cannot overflow int. */
+  return len <= 0 ? 0 : (int)(len < INT_MAX / 2 ? len : INT_MAX / 2);
+}
+
+__device__ __forceinline__ int block_count(int len, const Params &p) {
+  return (len >> p.log_block) + ((len & (p.block_size - 1)) != 0);
+}
+
+/* Splits of a row, on whole blocks: `chunk` blocks each, `eff` of them
+ * non-empty. Both kernels call this, so they agree on every row. */
+__device__ __forceinline__ void split_layout(int nblk, const Params &p,
+                                             int &chunk, int &eff) {
+  if (nblk <= 0) {
+    chunk = 1;
+    eff = 0;
+    return;
+  }
+  chunk = (nblk + p.splits - 1) / p.splits;
+  if (chunk < p.min_chunk_blocks) chunk = p.min_chunk_blocks;
+  eff = (nblk + chunk - 1) / chunk;
+}
+
+/* Reduces SZ values per lane across the lanes of an O*2-wide group: at each
+ * step a lane keeps one half of its values (by its lane bit O), receives the
+ * partner's copy of that half and adds, so the work halves every step
+ * instead of repeating a full butterfly per value. Once one value is left
+ * the remaining steps are an ordinary butterfly. */
+template <int O, int SZ>
+__device__ __forceinline__ void transpose_reduce(float *v, int c) {
+  if constexpr (O >= 1) {
+    if constexpr (SZ > 1) {
+      const bool upper = (c & O) != 0;
+#pragma unroll
+      for (int j = 0; j < SZ / 2; ++j) {
+        const float send = upper ? v[j] : v[j + SZ / 2];
+        const float keep = upper ? v[j + SZ / 2] : v[j];
+        v[j] = keep + __shfl_xor_sync(kFullMask, send, O);
+      }
+      transpose_reduce<O / 2, SZ / 2>(v, c);
+    } else {
+      v[0] += __shfl_xor_sync(kFullMask, v[0], O);
+      transpose_reduce<O / 2, 1>(v, c);
+    }
+  }
+}
+
+template <typename T, int HD, int GMAX>
+__global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
+    decode_kernel(const Params p) {
+  using S = Shape<HD, GMAX>;
+  constexpr int TPR = S::kTpr, RPW = S::kRpw, NT = S::kNt, M = S::kM,
+                TT = S::kTile;
+  constexpr int DUP = S::kDup, MP = S::kMp, LPH = S::kLph;
+  constexpr int ROW = HD * 2; /* bytes of one K or V row */
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float fac[kWarps * RPW][GMAX];
+  __shared__ float head_m[GMAX], head_l[GMAX];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r = lane / TPR, c = lane % TPR;
+  /* Scores this lane owns after the reduction: head g_own, tile rows
+   * (i_own + j) * RPW + r for j < MP. */
+  const int grp = c / DUP;
+  const int g_own = grp / LPH;
+  const int i_own = (grp % LPH) * MP;
+  const bool p_writer = (c % DUP) == 0;
+  const bool head_writer = p_writer && (grp % LPH) == 0;
+
+  int x = blockIdx.x;
+  const int split = x % p.splits;
+  x /= p.splits;
+  const int chunk = x % p.chunks;
+  x /= p.chunks;
+  const int kvh = x % p.num_kv_heads;
+  const int b = x / p.num_kv_heads;
+
+  const int len = row_len(p, b);
+  const int nblk = block_count(len, p);
+  int chunk_blocks, eff;
+  split_layout(nblk, p, chunk_blocks, eff);
+
+  const int g0 = chunk * kMaxGroup;
+  const int gcount = cmin(GMAX, p.group - g0);
+  const int64_t qrow0 =
+      (int64_t)b * p.num_q_heads + (int64_t)kvh * p.group + g0;
+  T *out = static_cast<T *>(p.out);
+
+  if (split >= eff) {
+    /* Without splits an empty row is written here; with splits the combine
+     * kernel writes it, and an empty split has nothing to contribute. */
+    if (p.splits == 1)
+      for (int v = threadIdx.x; v < gcount * TPR; v += kThreads)
+        *reinterpret_cast<uint4 *>(out + (qrow0 + v / TPR) * HD +
+                                   (v % TPR) * 8) = make_uint4(0, 0, 0, 0);
+    return;
+  }
+
+  const int blk_begin = split * chunk_blocks;
+  const int blk_end = cmin(nblk, blk_begin + chunk_blocks);
+  const int tb = blk_begin << p.log_block;
+  const int te = (int)min((int64_t)len, (int64_t)blk_end << p.log_block);
+  const int ntiles = (te - tb + TT - 1) / TT;
+  const int my_tiles = warp < ntiles ? (ntiles - 1 - warp) / kWarps + 1 : 0;
+  /* TT divides block_size, so a tile never straddles blocks (or splits). */
+  const int log_tpb = p.log_block - ilog2(TT);
+
+  /* q of the group, pre-scaled into the exp2 domain; heads past gcount are
+   * zero and their results are never stored. */
+  float qf[GMAX][8];
+  {
+    const T *q = static_cast<const T *>(p.q);
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g) {
+      if (g < gcount) {
+        const uint4 raw =
+            __ldg(reinterpret_cast<const uint4 *>(q + (qrow0 + g) * HD) + c);
+        unpack8<T>(raw, qf[g]);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) qf[g][e] *= p.qscale;
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) qf[g][e] = 0.f;
+      }
+    }
+  }
+
+  unsigned char *region = smem + warp * S::kRegion;
+  const uint32_t ring = smem_addr(region) + lane * 16;
+  float *pbuf = reinterpret_cast<float *>(region + kStages * kTileBytes);
+  float *abuf = pbuf + S::kPBufFloats;
+
+  const char *lane_base =
+      p.storage + (int64_t)kvh * p.block_size * ROW + r * ROW + c * 16;
+  const int32_t *bids = p.block_ids + p.row_offset[b];
+
+  /* Block ids of the warp's next 32 tiles, one per lane, so the id lookup
+   * costs one dependent load per 32 tiles instead of one per tile. */
+  int bid_pref = -1;
+  auto issue = [&](int k) {
+    if (k < my_tiles) {
+      if ((k & 31) == 0) {
+        const int t = warp + kWarps * (k + lane);
+        bid_pref = t < ntiles ? bids[blk_begin + (t >> log_tpb)] : -1;
+      }
+      const int bid = __shfl_sync(kFullMask, bid_pref, k & 31);
+      const int t = warp + kWarps * k;
+      const int valid = te - (tb + t * TT);
+      const int64_t off = bid >= 0 ? (int64_t)bid * p.block_bytes : 0;
+      const char *src =
+          lane_base + off + (int64_t)((t & ((1 << log_tpb) - 1)) * TT) * ROW;
+      const uint32_t dst = ring + (k % kStages) * kTileBytes;
+#pragma unroll
+      for (int i = 0; i < NT; ++i) {
+        /* Slots past the row's end (partial last block) are zero-filled:
+         * their contents are undefined and 0 * NaN would poison acc. */
+        const bool ok = bid >= 0 && i * RPW + r < valid;
+        const char *ks = ok ? src + i * RPW * ROW : p.storage;
+        cp_async16(dst + i * 512, ks, ok);
+        cp_async16(dst + (NT + i) * 512, ok ? ks + p.v_off : p.storage, ok);
+      }
+    }
+    /* Empty groups keep the wait_group arithmetic uniform. */
+    cp_async_commit();
+  };
+
+  float acc[GMAX][8];
+#pragma unroll
+  for (int g = 0; g < GMAX; ++g)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
+  float m_run = neg_inf(), l_run = 0.f; /* of head g_own over this row group */
+
+#pragma unroll
+  for (int k = 0; k < kStages - 1; ++k) issue(k);
+
+  for (int k = 0; k < my_tiles; ++k) {
+    /* Refills the stage read in iteration k-1. Each lane reads back only the
+     * vectors it copied itself, and has consumed them before issuing, so the
+     * ring needs no barrier, only this thread's wait_group. */
+    issue(k + kStages - 1);
+    cp_async_wait<kStages - 1>();
+    const uint4 *ks =
+        reinterpret_cast<const uint4 *>(region + (k % kStages) * kTileBytes) +
+        lane;
+    const uint4 *vs = ks + NT * 32;
+
+    float s[M];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+      float kf[8];
+      unpack8<T>(ks[i * 32], kf);
+#pragma unroll
+      for (int g = 0; g < GMAX; ++g) {
+        float d = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) d = fmaf(qf[g][e], kf[e], d);
+        s[g * NT + i] = d;
+      }
+    }
+    transpose_reduce<TPR / 2, M>(s, c);
+
+    /* Online softmax of this row group's share of head g_own. */
+    const int valid = te - (tb + (warp + kWarps * k) * TT);
+    float mt = neg_inf();
+#pragma unroll
+    for (int j = 0; j < MP; ++j) {
+      if ((i_own + j) * RPW + r >= valid) s[j] = neg_inf();
+      mt = fmaxf(mt, s[j]);
+    }
+#pragma unroll
+    for (int o = DUP; o < DUP * LPH; o *= 2)
+      mt = fmaxf(mt, __shfl_xor_sync(kFullMask, mt, o));
+    const float m_new = fmaxf(m_run, mt);
+    /* Until a row group has seen a token its max is -inf; subtracting 0
+     * instead keeps exp2 at 0 rather than NaN. */
+    const float m_use = m_new == neg_inf() ? 0.f : m_new;
+    const float alpha = exp2f(m_run - m_use);
+    float psum = 0.f;
+#pragma unroll
+    for (int j = 0; j < MP; ++j) {
+      s[j] = exp2f(s[j] - m_use);
+      psum += s[j];
+    }
+    l_run = l_run * alpha + psum;
+    m_run = m_new;
+
+    /* Every lane of the row group needs every p and every head's rescale
+     * factor: publish them through shared memory. The two parities keep
+     * this tile's writes clear of the previous tile's reads. */
+    float *pb = pbuf + ((k & 1) * RPW + r) * M;
+    float *ab = abuf + ((k & 1) * RPW + r) * GMAX;
+    if (p_writer) {
+#pragma unroll
+      for (int j = 0; j < MP; ++j) pb[grp * MP + j] = s[j];
+      if (head_writer) ab[g_own] = alpha;
+    }
+    __syncwarp();
+
+    /* Once the running maxima settle, most tiles change none of them
+     * (alpha == 1 exactly): skip the rescale then. */
+    if (__any_sync(kFullMask, alpha != 1.f)) {
+#pragma unroll
+      for (int g = 0; g < GMAX; ++g) {
+        const float a = ab[g];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] *= a;
+      }
+    }
+    float pr[GMAX][NT];
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g) {
+      const float4 p4 = *reinterpret_cast<const float4 *>(pb + g * NT);
+      pr[g][0] = p4.x;
+      pr[g][1] = p4.y;
+      pr[g][2] = p4.z;
+      pr[g][3] = p4.w;
+    }
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+      float vf[8];
+      unpack8<T>(vs[i * 32], vf);
+#pragma unroll
+      for (int g = 0; g < GMAX; ++g)
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          acc[g][e] = fmaf(pr[g][i], vf[e], acc[g][e]);
+    }
+  }
+
+  /* ---- merge the kWarps * RPW partial states of the CTA ---- */
+  cp_async_wait<0>();
+  __syncwarp(); /* the ring is reused below; all lanes are done reading it */
+#pragma unroll
+  for (int o = DUP; o < DUP * LPH; o *= 2)
+    l_run += __shfl_xor_sync(kFullMask, l_run, o);
+  {
+    float *macc = reinterpret_cast<float *>(region);
+    float *mm = macc + RPW * GMAX * HD;
+    float *ml = mm + RPW * GMAX;
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g) {
+      float4 *d =
+          reinterpret_cast<float4 *>(macc + (r * GMAX + g) * HD + c * 8);
+      d[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+      d[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+    }
+    if (head_writer) {
+      mm[r * GMAX + g_own] = m_run;
+      ml[r * GMAX + g_own] = l_run;
+    }
+  }
+  __syncthreads();
+
+  if (threadIdx.x < GMAX) {
+    const int g = threadIdx.x;
+    float mx = neg_inf();
+    for (int w = 0; w < kWarps; ++w) {
+      const float *mm = reinterpret_cast<const float *>(smem + w * S::kRegion) +
+                        RPW * GMAX * HD;
+      for (int rr = 0; rr < RPW; ++rr) mx = fmaxf(mx, mm[rr * GMAX + g]);
+    }
+    const float mu = mx == neg_inf() ? 0.f : mx;
+    float l = 0.f;
+    for (int w = 0; w < kWarps; ++w) {
+      const float *mm = reinterpret_cast<const float *>(smem + w * S::kRegion) +
+                        RPW * GMAX * HD;
+      const float *ml = mm + RPW * GMAX;
+      for (int rr = 0; rr < RPW; ++rr) {
+        const float f = exp2f(mm[rr * GMAX + g] - mu);
+        fac[w * RPW + rr][g] = f;
+        l += f * ml[rr * GMAX + g];
+      }
+    }
+    head_m[g] = mx;
+    head_l[g] = l;
+  }
+  __syncthreads();
+
+  for (int v = threadIdx.x; v < gcount * TPR; v += kThreads) {
+    const int g = v / TPR, cc = v % TPR;
+    float o[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o[e] = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float *macc =
+          reinterpret_cast<const float *>(smem + w * S::kRegion);
+#pragma unroll
+      for (int rr = 0; rr < RPW; ++rr) {
+        const float f = fac[w * RPW + rr][g];
+        const float4 *src = reinterpret_cast<const float4 *>(
+            macc + (rr * GMAX + g) * HD + cc * 8);
+        const float4 a = src[0], bb = src[1];
+        o[0] += f * a.x;
+        o[1] += f * a.y;
+        o[2] += f * a.z;
+        o[3] += f * a.w;
+        o[4] += f * bb.x;
+        o[5] += f * bb.y;
+        o[6] += f * bb.z;
+        o[7] += f * bb.w;
+      }
+    }
+    const int64_t row = qrow0 + g;
+    if (p.splits == 1) {
+      const float inv = head_l[g] > 0.f ? 1.f / head_l[g] : 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[e] *= inv;
+      *reinterpret_cast<uint4 *>(out + row * HD + cc * 8) = pack8<T>(o);
+    } else {
+      const int64_t slot = row * p.splits + split;
+      float4 *d = reinterpret_cast<float4 *>(p.ws_acc + slot * HD + cc * 8);
+      d[0] = make_float4(o[0], o[1], o[2], o[3]);
+      d[1] = make_float4(o[4], o[5], o[6], o[7]);
+      if (cc == 0) p.ws_ml[slot] = make_float2(head_m[g], head_l[g]);
+    }
+  }
+}
+
+/* One warp per (row, query head): log-sum-exp merge of the row's non-empty
+ * splits; rows with no tokens get zeros. */
+template <typename T, int HD>
+__global__ void __launch_bounds__(kThreads) combine_kernel(const Params p) {
+  constexpr int EPL = HD / 32; /* dims per lane */
+  const int lane = threadIdx.x % 32;
+  const int64_t row = (int64_t)blockIdx.x * kWarps + threadIdx.x / 32;
+  if (row >= (int64_t)p.n_seqs * p.num_q_heads) return;
+  const int b = (int)(row / p.num_q_heads);
+  int chunk_blocks, eff;
+  split_layout(block_count(row_len(p, b), p), p, chunk_blocks, eff);
+
+  float o[EPL];
+#pragma unroll
+  for (int e = 0; e < EPL; ++e) o[e] = 0.f;
+  if (eff > 0) {
+    const int64_t slot0 = row * p.splits;
+    const float2 ml =
+        lane < eff ? p.ws_ml[slot0 + lane] : make_float2(neg_inf(), 0.f);
+    float mx = ml.x;
+#pragma unroll
+    for (int off = 16; off >= 1; off /= 2)
+      mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, off));
+    const float mu = mx == neg_inf() ? 0.f : mx;
+    const float w = lane < eff ? exp2f(ml.x - mu) : 0.f;
+    float l = w * ml.y;
+#pragma unroll
+    for (int off = 16; off >= 1; off /= 2)
+      l += __shfl_xor_sync(kFullMask, l, off);
+
+    const float *acc = p.ws_acc + slot0 * HD + lane * EPL;
+#pragma unroll 4
+    for (int s = 0; s < eff; ++s) {
+      const float ws = __shfl_sync(kFullMask, w, s);
+      const float *src = acc + (int64_t)s * HD;
+      if constexpr (EPL == 2) {
+        const float2 a = *reinterpret_cast<const float2 *>(src);
+        o[0] += ws * a.x;
+        o[1] += ws * a.y;
+      } else {
+#pragma unroll
+        for (int e = 0; e < EPL; e += 4) {
+          const float4 a = *reinterpret_cast<const float4 *>(src + e);
+          o[e] += ws * a.x;
+          o[e + 1] += ws * a.y;
+          o[e + 2] += ws * a.z;
+          o[e + 3] += ws * a.w;
+        }
+      }
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) o[e] *= inv;
+  }
+  store_floats<T, EPL>(static_cast<T *>(p.out) + row * HD + lane * EPL, o);
+}
+
+} // namespace decode
+} // namespace pvlk
+
+#endif /* PVL_KERNELS_ATTENTION_DECODE_CUH */

@@ -1,0 +1,526 @@
+/* GPU tests: every CUDA kernel against its CPU twin. Two caches, one per
+ * backend, receive the same operations and the same data; their outputs are
+ * compared with tolerance atol + |ref| * eps (attention, observe) or
+ * exactly (data movement, selections away from ties). Skips visibly when no
+ * CUDA device is usable. */
+#include <criterion/criterion.h>
+#include <cuda_runtime_api.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+/* ---- helpers ---- */
+
+static void require_gpu(void) {
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess || n == 0) {
+    (void)cudaGetLastError();
+    cr_skip_test("no CUDA device (%s): GPU test skipped",
+                 e != cudaSuccess ? cudaGetErrorName(e) : "0 devices");
+  }
+}
+
+static uint64_t rng_state;
+static uint64_t rng_next(void) {
+  uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+static float rng_unit(void) { /* [-1, 1) */
+  return (float)((rng_next() >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f;
+}
+static uint32_t rng_below(uint32_t n) { return (uint32_t)(rng_next() % n); }
+
+/* n random elements of dtype, scaled, in host memory. */
+static void *rand_host(pvl_dtype dt, size_t n, float scale) {
+  size_t es = pvl_dtype_size(dt);
+  char *p = malloc(n * es + 1);
+  cr_assert_not_null(p);
+  for (size_t i = 0; i < n; i++) {
+    float f = rng_unit() * scale;
+    if (dt == PVL_DTYPE_F16) {
+      uint16_t h = pvl__f32_to_f16(f);
+      memcpy(p + i * 2, &h, 2);
+    } else if (dt == PVL_DTYPE_BF16) {
+      uint16_t h = pvl__f32_to_bf16(f);
+      memcpy(p + i * 2, &h, 2);
+    } else {
+      memcpy(p + i * 4, &f, 4);
+    }
+  }
+  return p;
+}
+
+static void *to_dev(const void *h, size_t bytes) {
+  void *d = NULL;
+  cr_assert_eq(cudaMalloc(&d, bytes ? bytes : 1), cudaSuccess);
+  if (bytes) cr_assert_eq(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice), cudaSuccess);
+  return d;
+}
+
+static void from_dev(void *h, const void *d, size_t bytes) {
+  cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess, "kernel failed: %s",
+               cudaGetErrorString(cudaGetLastError()));
+  cr_assert_eq(cudaMemcpy(h, d, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+}
+
+static float elem(pvl_dtype dt, const void *p, size_t i) {
+  float f;
+  pvl__load_f32(dt, (const char *)p + i * pvl_dtype_size(dt), &f, 1);
+  return f;
+}
+
+/* A pair of caches with the same geometry on both backends. */
+typedef struct twin {
+  pvl_cache *cpu, *gpu;
+  pvl_config cfg;
+} twin;
+
+static twin twin_make(pvl_dtype dt, uint32_t layers, uint32_t hq,
+                      uint32_t hkv, uint32_t d, uint32_t bs, uint32_t blocks) {
+  twin t;
+  pvl_config_init(&t.cfg);
+  t.cfg.dtype = dt;
+  t.cfg.num_layers = layers;
+  t.cfg.num_q_heads = hq;
+  t.cfg.num_kv_heads = hkv;
+  t.cfg.head_dim = d;
+  t.cfg.block_size = bs;
+  t.cfg.num_blocks = blocks;
+  t.cfg.backend = PVL_BACKEND_CPU;
+  cr_assert_eq(pvl_cache_create(&t.cfg, &t.cpu), PVL_SUCCESS, "%s",
+               pvl_create_last_error());
+  t.cfg.backend = PVL_BACKEND_CUDA;
+  cr_assert_eq(pvl_cache_create(&t.cfg, &t.gpu), PVL_SUCCESS, "%s",
+               pvl_create_last_error());
+  return t;
+}
+
+static void twin_free(twin *t) {
+  pvl_cache_destroy(t->cpu);
+  pvl_cache_destroy(t->gpu);
+}
+
+#define OK2(t, call_cpu, call_gpu)                                          \
+  do {                                                                      \
+    pvl_status a_ = (call_cpu), b_ = (call_gpu);                            \
+    cr_assert_eq(a_, PVL_SUCCESS, "cpu: %s", pvl_cache_last_error((t)->cpu)); \
+    cr_assert_eq(b_, PVL_SUCCESS, "gpu: %s", pvl_cache_last_error((t)->gpu)); \
+  } while (0)
+
+/* Admits a sequence of n tokens in both caches and writes the same random
+ * K/V into every layer. */
+static void twin_admit(twin *t, uint32_t n, pvl_seq_id *sc, pvl_seq_id *sg) {
+  OK2(t, pvl_seq_add(t->cpu, n, NULL, 0, sc), pvl_seq_add(t->gpu, n, NULL, 0, sg));
+  const size_t cnt = (size_t)n * t->cfg.num_kv_heads * t->cfg.head_dim;
+  const size_t bytes = cnt * pvl_dtype_size(t->cfg.dtype);
+  for (uint32_t l = 0; l < t->cfg.num_layers; l++) {
+    void *k = rand_host(t->cfg.dtype, cnt, 1.0f);
+    void *v = rand_host(t->cfg.dtype, cnt, 1.0f);
+    void *dk = to_dev(k, bytes), *dv = to_dev(v, bytes);
+    OK2(t, pvl_kv_write(t->cpu, *sc, l, 0, n, k, v, NULL),
+        pvl_kv_write(t->gpu, *sg, l, 0, n, dk, dv, NULL));
+    cudaDeviceSynchronize();
+    cudaFree(dk);
+    cudaFree(dv);
+    free(k);
+    free(v);
+  }
+}
+
+/* Compares out (GPU, device) with ref (CPU, host): |o - r| <= atol +
+ * |r| * eps, and no NaN (the output was poisoned). */
+static void expect_close(pvl_dtype dt, const void *ref, const void *dev_out,
+                         size_t n, float atol, float eps, const char *what) {
+  size_t bytes = n * pvl_dtype_size(dt);
+  void *o = malloc(bytes);
+  from_dev(o, dev_out, bytes);
+  double worst = 0.0;
+  for (size_t i = 0; i < n; i++) {
+    float r = elem(dt, ref, i), g = elem(dt, o, i);
+    cr_assert(!isnan(g), "%s: element %zu unwritten or NaN", what, i);
+    double err = fabs((double)g - r), tol = atol + fabs(r) * eps;
+    if (err / tol > worst) worst = err / tol;
+    cr_assert(err <= tol, "%s: element %zu: gpu %g cpu %g (tol %g)", what, i,
+              (double)g, (double)r, tol);
+  }
+  free(o);
+}
+
+static float tol_eps(pvl_dtype dt) { return dt == PVL_DTYPE_BF16 ? 1e-2f : 1e-3f; }
+
+/* ---- attention over a grid ---- */
+
+/* One case: batch of `batch` sequences with the given lengths (after
+ * appends), attention of every layer compared. */
+static void attention_case(pvl_dtype dt, uint32_t d, uint32_t bs,
+                           uint32_t gqa, uint32_t batch, uint32_t max_len) {
+  const uint32_t hkv = 2, hq = hkv * gqa, layers = 2;
+  uint64_t need = 0;
+  uint32_t *len = malloc(batch * sizeof(uint32_t));
+  for (uint32_t b = 0; b < batch; b++) {
+    len[b] = 1 + rng_below(max_len);
+    need += (len[b] / bs + 2) * layers;
+  }
+  twin t = twin_make(dt, layers, hq, hkv, d, bs, (uint32_t)need + 16);
+  pvl_seq_id *sc = malloc(batch * sizeof(pvl_seq_id));
+  pvl_seq_id *sg = malloc(batch * sizeof(pvl_seq_id));
+  for (uint32_t b = 0; b < batch; b++) twin_admit(&t, len[b], &sc[b], &sg[b]);
+  /* One decode step, so the plan's n_appended path is exercised too. */
+  OK2(&t, pvl_seq_append(t.cpu, sc, batch, NULL),
+      pvl_seq_append(t.gpu, sg, batch, NULL));
+  pvl_plan *pc, *pg;
+  OK2(&t, pvl_plan_create(t.cpu, batch, 0, &pc),
+      pvl_plan_create(t.gpu, batch, 0, &pg));
+  OK2(&t, pvl_plan_build(pc, sc, batch, NULL), pvl_plan_build(pg, sg, batch, NULL));
+  const size_t es = pvl_dtype_size(dt);
+  const size_t nkv = (size_t)batch * hkv * d, nq = (size_t)batch * hq * d;
+  for (uint32_t l = 0; l < layers; l++) {
+    void *k = rand_host(dt, nkv, 1.0f), *v = rand_host(dt, nkv, 1.0f);
+    void *q = rand_host(dt, nq, 2.0f);
+    void *dk = to_dev(k, nkv * es), *dv = to_dev(v, nkv * es);
+    void *dq = to_dev(q, nq * es), *dout = NULL;
+    cr_assert_eq(cudaMalloc(&dout, nq * es), cudaSuccess);
+    cr_assert_eq(cudaMemset(dout, 0xff, nq * es), cudaSuccess); /* NaN */
+    void *out = malloc(nq * es);
+    OK2(&t, pvl_plan_kv_write(pc, l, k, v, NULL),
+        pvl_plan_kv_write(pg, l, dk, dv, NULL));
+    OK2(&t, pvl_attention_decode(pc, l, q, out, 0.0f, NULL),
+        pvl_attention_decode(pg, l, dq, dout, 0.0f, NULL));
+    char what[128];
+    snprintf(what, sizeof(what),
+             "attention dt=%d d=%u bs=%u gqa=%u batch=%u max_len=%u layer=%u",
+             (int)dt, d, bs, gqa, batch, max_len, l);
+    expect_close(dt, out, dout, nq, 1e-3f, tol_eps(dt), what);
+    cudaFree(dk);
+    cudaFree(dv);
+    cudaFree(dq);
+    cudaFree(dout);
+    free(k);
+    free(v);
+    free(q);
+    free(out);
+  }
+  pvl_plan_destroy(pc);
+  pvl_plan_destroy(pg);
+  twin_free(&t);
+  free(len);
+  free(sc);
+  free(sg);
+}
+
+Test(gpu, attention_grid) {
+  require_gpu();
+  rng_state = 0x1234;
+  const pvl_dtype dts[] = {PVL_DTYPE_F16, PVL_DTYPE_BF16};
+  const uint32_t ds[] = {64, 128, 256}, bss[] = {16, 32}, gqas[] = {1, 2, 4, 8};
+  for (int a = 0; a < 2; a++)
+    for (int b = 0; b < 3; b++)
+      for (int c = 0; c < 2; c++)
+        for (int e = 0; e < 4; e++)
+          attention_case(dts[a], ds[b], bss[c], gqas[e], 1 + rng_below(8),
+                         300);
+}
+
+Test(gpu, attention_long_context_split_k) {
+  require_gpu();
+  rng_state = 0x5678;
+  attention_case(PVL_DTYPE_BF16, 128, 16, 4, 1, 32768);
+  attention_case(PVL_DTYPE_F16, 128, 32, 4, 2, 16384);
+  attention_case(PVL_DTYPE_F16, 64, 16, 8, 1, 8192);
+}
+
+Test(gpu, attention_large_batch) {
+  require_gpu();
+  rng_state = 0x9abc;
+  attention_case(PVL_DTYPE_BF16, 128, 16, 4, 128, 256);
+  attention_case(PVL_DTYPE_F16, 128, 16, 4, 64, 1024);
+}
+
+/* ---- data movement: kv_read, copy-on-write, compaction ---- */
+
+static void expect_layers_equal(twin *t, pvl_seq_id sc, pvl_seq_id sg) {
+  const size_t es = pvl_dtype_size(t->cfg.dtype);
+  for (uint32_t l = 0; l < t->cfg.num_layers; l++) {
+    uint32_t nc, bc, ng, bg;
+    OK2(t, pvl_seq_layer_size(t->cpu, sc, l, &nc, &bc),
+        pvl_seq_layer_size(t->gpu, sg, l, &ng, &bg));
+    cr_assert_eq(nc, ng, "layer %u: %u vs %u tokens", l, nc, ng);
+    if (nc == 0) continue;
+    size_t bytes = (size_t)nc * t->cfg.num_kv_heads * t->cfg.head_dim * es;
+    void *kc = malloc(bytes), *vc = malloc(bytes);
+    void *kg = malloc(bytes), *vg = malloc(bytes);
+    void *dk, *dv;
+    cr_assert_eq(cudaMalloc(&dk, bytes), cudaSuccess);
+    cr_assert_eq(cudaMalloc(&dv, bytes), cudaSuccess);
+    OK2(t, pvl_kv_read(t->cpu, sc, l, 0, nc, kc, vc, NULL),
+        pvl_kv_read(t->gpu, sg, l, 0, ng, dk, dv, NULL));
+    from_dev(kg, dk, bytes);
+    from_dev(vg, dv, bytes);
+    cr_assert(memcmp(kc, kg, bytes) == 0, "layer %u: K differs", l);
+    cr_assert(memcmp(vc, vg, bytes) == 0, "layer %u: V differs", l);
+    cudaFree(dk);
+    cudaFree(dv);
+    free(kc);
+    free(vc);
+    free(kg);
+    free(vg);
+  }
+}
+
+Test(gpu, fork_cow_and_retain_match_cpu) {
+  require_gpu();
+  rng_state = 0xdef0;
+  twin t = twin_make(PVL_DTYPE_F16, 3, 8, 2, 128, 16, 512);
+  pvl_seq_id sc, sg, fc, fg;
+  twin_admit(&t, 37, &sc, &sg);
+  OK2(&t, pvl_seq_fork(t.cpu, sc, &fc), pvl_seq_fork(t.gpu, sg, &fg));
+  pvl_seq_id bc[2] = {sc, fc}, bgp[2] = {sg, fg};
+  OK2(&t, pvl_seq_append(t.cpu, bc, 2, NULL), pvl_seq_append(t.gpu, bgp, 2, NULL));
+  expect_layers_equal(&t, sc, sg);
+  expect_layers_equal(&t, fc, fg);
+  uint32_t keep[20];
+  for (int rep = 0; rep < 3; rep++) {
+    uint32_t n;
+    OK2(&t, pvl_seq_layer_size(t.cpu, sc, (uint32_t)rep, &n, &(uint32_t){0}),
+        PVL_SUCCESS);
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < n && k < 20; i++)
+      if (rng_below(3) == 0 || i == n - 1) keep[k++] = i;
+    OK2(&t, pvl_seq_retain(t.cpu, sc, (uint32_t)rep, keep, k, NULL),
+        pvl_seq_retain(t.gpu, sg, (uint32_t)rep, keep, k, NULL));
+  }
+  expect_layers_equal(&t, sc, sg);
+  expect_layers_equal(&t, fc, fg);
+  twin_free(&t);
+}
+
+/* ---- observe ---- */
+
+Test(gpu, observe_matches_cpu) {
+  require_gpu();
+  rng_state = 0x1111;
+  const pvl_dtype dts[] = {PVL_DTYPE_F16, PVL_DTYPE_BF16};
+  for (int a = 0; a < 2; a++) {
+    for (uint32_t gqa = 1; gqa <= 8; gqa *= 2) {
+      const uint32_t hkv = 2, hq = hkv * gqa, d = 128, m = 700;
+      twin t = twin_make(dts[a], 1, hq, hkv, d, 16, 128);
+      pvl_seq_id sc, sg;
+      twin_admit(&t, m, &sc, &sg);
+      const uint32_t rows = 60, first = m - rows;
+      const size_t nq = (size_t)rows * hq * d, es = pvl_dtype_size(dts[a]);
+      void *q = rand_host(dts[a], nq, 3.0f), *dq = to_dev(q, nq * es);
+      OK2(&t, pvl_observe(t.cpu, sc, 0, q, first, rows, 0.01f, 0.0f, NULL),
+          pvl_observe(t.gpu, sg, 0, dq, first, rows, 0.01f, 0.0f, NULL));
+      float rc[700], rg[700], gc, gg;
+      uint32_t seen_c[700], seen_g[700], nk, nr;
+      OK2(&t,
+          pvl_seq_observation(t.cpu, sc, 0, NULL, &gc, rc, seen_c, m, &nk, &nr),
+          pvl_seq_observation(t.gpu, sg, 0, NULL, &gg, rg, seen_g, m, &nk, &nr));
+      for (uint32_t j = 0; j < m; j++) {
+        cr_assert_eq(seen_c[j], seen_g[j], "seen[%u]", j);
+        cr_assert(fabsf(rc[j] - rg[j]) <= 1e-4f + 1e-3f * fabsf(rc[j]),
+                  "raw[%u]: cpu %g gpu %g (gqa %u)", j, rc[j], rg[j], gqa);
+      }
+      /* Threshold counts may differ only for logits within rounding of the
+       * threshold: allow 0.1 % of the entries. */
+      cr_assert(fabsf(gc - gg) <= 1e-3f, "gamma cpu %g gpu %g", gc, gg);
+      cudaFree(dq);
+      free(q);
+      twin_free(&t);
+    }
+  }
+}
+
+/* ---- select (CUB) against the CPU selection ---- */
+
+Test(gpu, select_top_matches_cpu) {
+  require_gpu();
+  rng_state = 0x2222;
+  const uint32_t n_seg = 6;
+  int32_t seg_off[7], n_top[6], keep_off[6];
+  uint32_t total = 0, total_keep = 0;
+  for (uint32_t s = 0; s < n_seg; s++) {
+    uint32_t len = 1 + rng_below(5000);
+    seg_off[s] = (int32_t)total;
+    n_top[s] = (int32_t)rng_below(len + 1);
+    keep_off[s] = (int32_t)total_keep;
+    total += len;
+    total_keep += (uint32_t)n_top[s];
+  }
+  seg_off[n_seg] = (int32_t)total;
+  float *scores = malloc(total * sizeof(float));
+  /* Coarse values, so ties are frequent and the tie rule is tested. */
+  for (uint32_t i = 0; i < total; i++) scores[i] = (float)rng_below(50);
+  float *d_scores = to_dev(scores, total * sizeof(float));
+  int32_t *d_seg = to_dev(seg_off, sizeof(seg_off));
+  int32_t *d_top = to_dev(n_top, sizeof(n_top));
+  int32_t *d_koff = to_dev(keep_off, sizeof(keep_off));
+  int32_t *d_keep = NULL;
+  cr_assert_eq(cudaMalloc((void **)&d_keep, (total_keep + 1) * 4), cudaSuccess);
+  size_t ws_bytes = pvlk_select_workspace_bytes(total, n_seg);
+  void *ws = NULL;
+  cr_assert_eq(cudaMalloc(&ws, ws_bytes ? ws_bytes : 1), cudaSuccess);
+  cr_assert_eq(pvlk_select_top(d_scores, d_seg, d_top, d_koff, n_seg, total,
+                               d_keep, ws, ws_bytes, NULL),
+               PVL_SUCCESS);
+  int32_t *keep = malloc((total_keep + 1) * 4);
+  from_dev(keep, d_keep, total_keep * 4);
+  pvl_policy p;
+  pvl_policy_init(&p, PVL_POLICY_VLCACHE);
+  p.recent_ratio = 0.0f; /* the kernel selects the top part only */
+  for (uint32_t s = 0; s < n_seg; s++) {
+    uint32_t len = (uint32_t)(seg_off[s + 1] - seg_off[s]);
+    uint32_t *ref = malloc((len + 1) * sizeof(uint32_t));
+    cr_assert_eq(pvl__select(pvl__default_allocator(), &p, len,
+                             (uint32_t)n_top[s], scores + seg_off[s], ref),
+                 PVL_SUCCESS);
+    for (int32_t i = 0; i < n_top[s]; i++)
+      cr_assert_eq((uint32_t)keep[keep_off[s] + i], ref[i],
+                   "segment %u, kept %d: gpu %d cpu %u", s, i,
+                   keep[keep_off[s] + i], ref[i]);
+    free(ref);
+  }
+  cudaFree(d_scores);
+  cudaFree(d_seg);
+  cudaFree(d_top);
+  cudaFree(d_koff);
+  cudaFree(d_keep);
+  cudaFree(ws);
+  free(scores);
+  free(keep);
+}
+
+/* ---- compress end to end ---- */
+
+Test(gpu, compress_keeps_the_same_tokens) {
+  require_gpu();
+  rng_state = 0x3333;
+  twin t = twin_make(PVL_DTYPE_F16, 4, 8, 2, 128, 16, 1024);
+  pvl_span vis = {8, 520};
+  pvl_seq_id sc, sg;
+  const uint32_t m = 600;
+  OK2(&t, pvl_seq_add(t.cpu, m, &vis, 1, &sc), pvl_seq_add(t.gpu, m, &vis, 1, &sg));
+  const size_t es = 2, cnt = (size_t)m * 2 * 128;
+  pvl_policy p;
+  pvl_policy_init(&p, PVL_POLICY_VLCACHE);
+  uint32_t first, rows, fb;
+  cr_assert_eq(pvl_policy_rows(&p, t.cpu, sc, &first, &rows, &fb), PVL_SUCCESS);
+  for (uint32_t l = 0; l < 4; l++) {
+    void *k = rand_host(PVL_DTYPE_F16, cnt, 1.0f + l);
+    void *v = rand_host(PVL_DTYPE_F16, cnt, 1.0f);
+    void *q = rand_host(PVL_DTYPE_F16, (size_t)rows * 8 * 128, 2.0f);
+    void *dk = to_dev(k, cnt * es), *dv = to_dev(v, cnt * es);
+    void *dq = to_dev(q, (size_t)rows * 8 * 128 * es);
+    OK2(&t, pvl_kv_write(t.cpu, sc, l, 0, m, k, v, NULL),
+        pvl_kv_write(t.gpu, sg, l, 0, m, dk, dv, NULL));
+    OK2(&t, pvl_observe(t.cpu, sc, l, q, first, rows, p.threshold, 0, NULL),
+        pvl_observe(t.gpu, sg, l, dq, first, rows, p.threshold, 0, NULL));
+    cudaDeviceSynchronize();
+    cudaFree(dk);
+    cudaFree(dv);
+    cudaFree(dq);
+    free(k);
+    free(v);
+    free(q);
+  }
+  pvl_compress_report rc = {0}, rg = {0};
+  OK2(&t, pvl_compress(t.cpu, sc, &p, &rc, NULL), pvl_compress(t.gpu, sg, &p, &rg, NULL));
+  cr_assert_eq(rc.kept_total, rg.kept_total);
+  cr_assert_eq(rc.blocks_freed, rg.blocks_freed);
+  /* Selections may differ only where scores tie within rounding: require
+   * 99 % overlap of kept positions per layer. */
+  for (uint32_t l = 0; l < 4; l++) {
+    uint32_t pc[600], pg[600], nc, ng;
+    OK2(&t, pvl_seq_positions(t.cpu, sc, l, pc, 600, &nc),
+        pvl_seq_positions(t.gpu, sg, l, pg, 600, &ng));
+    cr_assert_eq(nc, ng);
+    uint32_t same = 0;
+    for (uint32_t i = 0, j = 0; i < nc && j < ng;) {
+      if (pc[i] == pg[j]) {
+        same++;
+        i++;
+        j++;
+      } else if (pc[i] < pg[j]) {
+        i++;
+      } else {
+        j++;
+      }
+    }
+    cr_assert(same * 100 >= nc * 99, "layer %u: %u of %u kept positions agree",
+              l, same, nc);
+  }
+  twin_free(&t);
+}
+
+/* ---- a decode step captured in a CUDA graph ---- */
+
+Test(gpu, decode_step_in_cuda_graph) {
+  require_gpu();
+  rng_state = 0x4444;
+  twin t = twin_make(PVL_DTYPE_BF16, 2, 16, 4, 128, 16, 256);
+  pvl_seq_id sc[3], sg[3];
+  for (int i = 0; i < 3; i++) twin_admit(&t, 100 + 37 * (uint32_t)i, &sc[i], &sg[i]);
+  OK2(&t, pvl_seq_append(t.cpu, sc, 3, NULL), pvl_seq_append(t.gpu, sg, 3, NULL));
+  pvl_plan *pc, *pg;
+  OK2(&t, pvl_plan_create(t.cpu, 4, 0, &pc), pvl_plan_create(t.gpu, 4, 0, &pg));
+  OK2(&t, pvl_plan_build(pc, sc, 3, NULL), pvl_plan_build(pg, sg, 3, NULL));
+  const size_t nq = 3 * 16 * 128, nkv = 3 * 4 * 128, es = 2;
+  void *q = rand_host(PVL_DTYPE_BF16, nq, 2.0f), *k = rand_host(PVL_DTYPE_BF16, nkv, 1.0f);
+  void *v = rand_host(PVL_DTYPE_BF16, nkv, 1.0f), *out = malloc(nq * es);
+  void *dq = to_dev(q, nq * es), *dk = to_dev(k, nkv * es), *dv = to_dev(v, nkv * es);
+  void *dout;
+  cr_assert_eq(cudaMalloc(&dout, nq * es), cudaSuccess);
+  cr_assert_eq(cudaMemset(dout, 0xff, nq * es), cudaSuccess);
+  cudaStream_t s;
+  cr_assert_eq(cudaStreamCreate(&s), cudaSuccess);
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  cr_assert_eq(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), cudaSuccess);
+  cr_assert_eq(pvl_plan_kv_write(pg, 1, dk, dv, s), PVL_SUCCESS, "%s",
+               pvl_cache_last_error(t.gpu));
+  cr_assert_eq(pvl_attention_decode(pg, 1, dq, dout, 0.0f, s), PVL_SUCCESS,
+               "%s", pvl_cache_last_error(t.gpu));
+  cr_assert_eq(cudaStreamEndCapture(s, &graph), cudaSuccess);
+  cr_assert_eq(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  cr_assert_eq(cudaGraphLaunch(exec, s), cudaSuccess);
+  cr_assert_eq(cudaStreamSynchronize(s), cudaSuccess);
+  cr_assert_eq(pvl_plan_kv_write(pc, 1, k, v, NULL), PVL_SUCCESS);
+  cr_assert_eq(pvl_attention_decode(pc, 1, q, out, 0.0f, NULL), PVL_SUCCESS);
+  expect_close(PVL_DTYPE_BF16, out, dout, nq, 1e-3f, 1e-2f, "graph replay");
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(s);
+  cudaFree(dq);
+  cudaFree(dk);
+  cudaFree(dv);
+  cudaFree(dout);
+  free(q);
+  free(k);
+  free(v);
+  free(out);
+  pvl_plan_destroy(pc);
+  pvl_plan_destroy(pg);
+  twin_free(&t);
+}
+
+Test(gpu, unsupported_shapes_are_refused) {
+  require_gpu();
+  pvl_config cfg;
+  pvl_config_init(&cfg);
+  cfg.backend = PVL_BACKEND_CUDA;
+  cfg.num_layers = 1;
+  cfg.num_q_heads = 4;
+  cfg.num_kv_heads = 4;
+  cfg.head_dim = 96; /* not a kernel shape */
+  cfg.block_size = 16;
+  cfg.num_blocks = 8;
+  pvl_cache *c = NULL;
+  cr_assert_eq(pvl_cache_create(&cfg, &c), PVL_ERR_UNSUPPORTED);
+  cr_assert_null(c);
+}
