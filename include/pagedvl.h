@@ -369,11 +369,11 @@ PVL_API pvl_status pvl_kv_read(const pvl_cache *cache, pvl_seq_id seq,
 typedef struct pvl_plan pvl_plan;
 
 /* Makes a plan for batches of at most max_seqs sequences (1..max_seqs of
- * the cache). `block_capacity` is the number of block-id entries each layer's
- * table may hold, rows' slack included (on CUDA: 4 bytes of device memory
- * each, per layer). 0 picks num_blocks * 3/2 + 16 * max_seqs, which holds
- * any batch that does not share blocks. A build that needs more fails with
- * CAPACITY and leaves the plan as it was. */
+ * the cache). `block_capacity` is the number of block-id entries the plan's
+ * tables may hold, all layers together, rows' slack included (on CUDA: 4
+ * bytes of device memory each). 0 picks num_blocks * 5/4 + 4 * num_layers *
+ * max_seqs, which holds any batch that does not share blocks. A build that
+ * needs more fails with CAPACITY and leaves the plan as it was. */
 PVL_API pvl_status pvl_plan_create(pvl_cache *cache, uint32_t max_seqs,
                                    uint64_t block_capacity, pvl_plan **out);
 
@@ -390,10 +390,10 @@ PVL_API pvl_status pvl_plan_build(pvl_plan *plan, const pvl_seq_id *seqs,
 typedef struct pvl_plan_info {
   uint32_t n_seqs;          /* batch of the last build */
   uint32_t max_seqs;
-  uint64_t block_capacity;  /* block-id entries per layer */
+  uint64_t block_capacity;  /* block-id entries, all layers together */
   uint64_t last_update_bytes; /* bytes sent by the last build */
   uint64_t last_update_entries; /* entries changed by the last build */
-  uint64_t full_rebuilds;   /* layers rewritten whole since creation */
+  uint64_t full_rebuilds;   /* builds that rewrote the plan whole */
 } pvl_plan_info;
 
 PVL_API pvl_status pvl_plan_get_info(const pvl_plan *plan,

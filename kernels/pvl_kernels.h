@@ -29,15 +29,18 @@ typedef struct pvl_kv_geom {
 } pvl_kv_geom;
 
 /* Device layout of a batch plan: ONE int32 buffer with, in order,
- *   row_offset [num_layers][max_seqs]  start of row b in layer l's id array
+ *   row_offset [num_layers][max_seqs]  start of row (l, b) in block_ids
  *   base_len   [num_layers][max_seqs]  tokens of row b minus n_appended[b]
  *   n_appended [max_seqs]              per-sequence decode counter
- *   block_ids  [num_layers][block_cap] rows of block ids (rows have slack)
+ *   block_ids  [block_cap]             rows of block ids (rows have slack),
+ *                                      one array shared by all layers
  * Row b of layer l holds len = base_len[l][b] + n_appended[b] tokens in
- * blocks block_ids[l][row_offset[l][b] .. + ceil(len / block_size)).
- * Only rows b < n_seqs are meaningful. A decode step changes one
- * n_appended entry per sequence plus the few ids of layers that crossed a
- * block boundary; the host sends those as (index, value) pairs that
+ * blocks block_ids[row_offset[l][b] .. + ceil(len / block_size)).
+ * Only rows b < n_seqs are meaningful. One id array for all layers (rather
+ * than one per layer) sizes the plan by the blocks the batch holds, not by
+ * num_layers times the worst layer. A decode step changes one n_appended
+ * entry per sequence plus the few ids of layers that crossed a block
+ * boundary; the host sends those as (index, value) pairs that
  * pvlk_plan_scatter applies. */
 typedef struct pvl_plan_view {
   const int32_t *buf; /* the plan buffer (device memory on CUDA) */
@@ -60,15 +63,16 @@ static inline int64_t pvl_plan_n_appended_index(const pvl_plan_view *v,
                                                 int32_t b) {
   return 2 * (int64_t)v->num_layers * v->max_seqs + b;
 }
+/* Start of the id array; the same for every layer (the argument is kept
+ * so kernels read `block_ids + index(layer) + row_offset` either way). */
 static inline int64_t pvl_plan_block_ids_index(const pvl_plan_view *v,
                                                int32_t layer) {
-  return 2 * (int64_t)v->num_layers * v->max_seqs + v->max_seqs +
-         (int64_t)layer * v->block_cap;
+  (void)layer;
+  return 2 * (int64_t)v->num_layers * v->max_seqs + v->max_seqs;
 }
 static inline int64_t pvl_plan_buf_elems(int32_t num_layers, int32_t max_seqs,
                                          int64_t block_cap) {
-  return 2 * (int64_t)num_layers * max_seqs + max_seqs +
-         (int64_t)num_layers * block_cap;
+  return 2 * (int64_t)num_layers * max_seqs + max_seqs + block_cap;
 }
 
 /* ---- launchers (kernels/ *.cu); each returns a pvl_status and queues its

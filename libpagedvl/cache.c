@@ -289,8 +289,7 @@ pvl_status pvl_cache_get_stats(const pvl_cache *c, pvl_stats *out) {
   s.num_blocks = c->pool.num_blocks;
   s.free_blocks = c->pool.num_free;
   s.used_blocks = c->pool.num_blocks - c->pool.num_free;
-  for (uint32_t b = 0; b < c->pool.num_blocks; b++)
-    s.shared_blocks += c->pool.refcount[b] >= 2;
+  s.shared_blocks = c->pool.num_shared;
   s.num_seqs = c->num_seqs;
   for (uint32_t l = 0; l < c->cfg.num_layers; l++) s.tokens += c->layer_tokens[l];
   s.block_bytes = c->block_bytes;

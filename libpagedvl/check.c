@@ -65,13 +65,16 @@ pvl_status pvl__cache_check(const pvl_cache *c, char *msg, size_t msg_len) {
     if (tok[l] != c->layer_tokens[l])
       BAD("layer %u holds %llu tokens, counter says %llu", l,
           (unsigned long long)tok[l], (unsigned long long)c->layer_tokens[l]);
-  uint32_t used = 0;
+  uint32_t used = 0, shared = 0;
   for (uint32_t b = 0; b < nb; b++) {
     if (refs[b] != c->pool.refcount[b])
       BAD("block %u: %u table references, refcount %u", b, refs[b],
           c->pool.refcount[b]);
     used += refs[b] > 0;
+    shared += refs[b] > 1;
   }
+  if (shared != c->pool.num_shared)
+    BAD("%u shared blocks, counter says %u", shared, c->pool.num_shared);
   if (c->pool.num_free > nb) BAD("num_free %u > num_blocks %u", c->pool.num_free, nb);
   /* Reuse refs as a seen-mark for the free list. */
   for (uint32_t i = 0; i < c->pool.num_free; i++) {

@@ -363,9 +363,8 @@ pvl_status pvl_compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
     blocks_freed += prep[l].n_freed;
   }
   for (uint32_t l = 0; l < L; l++) {
-    pvl_table *t = &s->tables[l];
     uint32_t n = (uint32_t)((l + 1 < L ? koff[l + 1] : off) - koff[l]);
-    st = pvl__retain_commit(c, t, l, keep + koff[l], n, &prep[l], stream,
+    st = pvl__retain_commit(c, s, l, keep + koff[l], n, &prep[l], stream,
                             __func__);
     /* Only a device error fails here (the pool was checked above): layers
      * before l are then compacted, the rest are not. */
@@ -441,7 +440,7 @@ pvl_status pvl_decode_cap(pvl_cache *c, pvl_seq_id id, uint32_t layer,
   pvl_retain_prep prep;
   st = pvl__retain_prepare(c, t, keep, k, &prep, __func__);
   if (st == PVL_SUCCESS)
-    st = pvl__retain_commit(c, t, layer, keep, k, &prep, stream, __func__);
+    st = pvl__retain_commit(c, s, layer, keep, k, &prep, stream, __func__);
   pvl__free(c->alloc, mem, bytes);
   if (st != PVL_SUCCESS) return st;
   pvl__obs_drop(c, s, layer);

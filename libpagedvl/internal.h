@@ -37,6 +37,7 @@ static inline bool pvl__mul_ok(size_t a, size_t b, size_t *out) {
 typedef struct pvl_pool {
   uint32_t num_blocks;
   uint32_t num_free;
+  uint32_t num_shared; /* blocks with refcount >= 2 (0: no copy-on-write) */
   int32_t *free_stack; /* [num_blocks]; the top num_free entries are free */
   uint32_t *refcount;  /* [num_blocks]; 0 = free */
 } pvl_pool;
@@ -87,6 +88,9 @@ typedef struct pvl_seq {
   pvl_span *spans;
   pvl_table *tables; /* [num_layers] */
   uint64_t mark;     /* duplicate detection within one batch call */
+  uint64_t version;  /* stamped when any table's block list or base
+                        (tokens - n_decoded) changes: plans skip sequences
+                        whose version they already hold */
   pvl_obs **obs;     /* [num_layers] or NULL; entries NULL until observed */
   bool compressed;   /* pvl_compress ran */
 } pvl_seq;
@@ -108,7 +112,7 @@ PVL_INTERNAL pvl_status pvl__retain_prepare(pvl_cache *c, pvl_table *t,
                                             const char *fn);
 /* Consumes prep (also on failure). Fails only if the pool is short or the
  * backend's gather fails; the table is then unchanged. */
-PVL_INTERNAL pvl_status pvl__retain_commit(pvl_cache *c, pvl_table *t,
+PVL_INTERNAL pvl_status pvl__retain_commit(pvl_cache *c, pvl_seq *s,
                                            uint32_t layer,
                                            const uint32_t *keep,
                                            uint32_t n_keep,
@@ -216,6 +220,9 @@ struct pvl_cache {
   uint64_t *layer_tokens; /* [num_layers] tokens held per layer */
   uint64_t epoch_clock;   /* source of pvl_table.epoch stamps */
   uint64_t mark_clock;    /* source of pvl_seq.mark stamps */
+  uint64_t mut_clock;     /* bumped by every call that changes a table's
+                             blocks or tokens, or frees or adds a sequence:
+                             a plan built at the current value is fresh */
 
   /* Scratch for multi-step calls (append, retain), grown on demand. */
   void *scratch;
@@ -254,9 +261,8 @@ PVL_INTERNAL pvl_status pvl__seq_resolve_batch(pvl_cache *c,
 /* ---- plans (plan.c) ---- */
 
 typedef struct pvl_plan_row {
-  pvl_seq_id seq;  /* 0 = empty */
   uint64_t epoch;  /* table epoch when the row was written */
-  int32_t offset;  /* start in the layer's id array */
+  int32_t offset;  /* start in the id array */
   uint32_t cap;    /* ids reserved for the row */
   uint32_t synced; /* ids of the table already on the device */
   int32_t base;    /* base_len on the device */
@@ -271,12 +277,15 @@ struct pvl_plan {
   pvl_plan_view view;     /* buf is device (or host) memory */
   void *be_state;         /* backend-private (device buffer, workspace) */
   int32_t *host_buf;      /* CPU backend: the plan buffer itself */
-  pvl_plan_row *rows;     /* [num_layers][max_seqs] */
+  pvl_plan_row *rows;     /* [max_seqs][num_layers], batch row major */
+  pvl_seq_id *row_seq;    /* [max_seqs] sequence of each batch row, 0 none */
+  uint64_t *row_version;  /* [max_seqs] its version when last written */
   int32_t *n_appended;    /* [max_seqs] as on the device */
   pvl_seq **seqs;         /* [max_seqs] sequences of the last build */
-  uint64_t *layer_used;   /* [num_layers] bump pointer in the id array */
-  uint8_t *action;        /* [num_layers][max_seqs] scratch for builds */
-  uint8_t *repack;        /* [num_layers] scratch for builds */
+  uint64_t used;          /* bump pointer in the id array */
+  uint8_t *action;        /* [max_seqs][num_layers] scratch for builds */
+  uint8_t *skip;          /* [max_seqs] scratch: row already current */
+  uint64_t built_clock;   /* cache->mut_clock at the last build */
   bool stale;             /* device buffer may disagree: rewrite all */
   int32_t *pairs;         /* staging (index, value) pairs */
   size_t pairs_cap;       /* in pairs */

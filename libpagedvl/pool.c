@@ -18,6 +18,7 @@ pvl_status pvl__pool_init(pvl_pool *p, const pvl_allocator *a,
     p->refcount[i] = 0;
   }
   p->num_free = num_blocks;
+  p->num_shared = 0;
   return PVL_SUCCESS;
 }
 
@@ -35,12 +36,16 @@ int32_t pvl__pool_alloc(pvl_pool *p) {
   return b;
 }
 
-void pvl__pool_incref(pvl_pool *p, int32_t block) { p->refcount[block]++; }
+void pvl__pool_incref(pvl_pool *p, int32_t block) {
+  if (++p->refcount[block] == 2) p->num_shared++;
+}
 
 bool pvl__pool_decref(pvl_pool *p, int32_t block) {
   if (block < 0 || (uint32_t)block >= p->num_blocks ||
       p->refcount[block] == 0)
     return false;
-  if (--p->refcount[block] == 0) p->free_stack[p->num_free++] = block;
+  const uint32_t r = --p->refcount[block];
+  if (r == 1) p->num_shared--;
+  if (r == 0) p->free_stack[p->num_free++] = block;
   return true;
 }

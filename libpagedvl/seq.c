@@ -136,6 +136,7 @@ static void seq_register(pvl_cache *c, pvl_seq *s) {
   s->id = ((uint64_t)gen << 32) | slot;
   c->slots[slot] = s;
   c->num_seqs++;
+  c->mut_clock++;
 }
 
 static void seq_unregister(pvl_cache *c, pvl_seq *s) {
@@ -143,6 +144,7 @@ static void seq_unregister(pvl_cache *c, pvl_seq *s) {
   c->slots[slot] = NULL;
   c->free_slots[c->num_free_slots++] = slot;
   c->num_seqs--;
+  c->mut_clock++;
 }
 
 void pvl__seq_free_all(pvl_cache *c) {
@@ -301,7 +303,11 @@ enum { APPEND_IN_PLACE = 0, APPEND_NEW_BLOCK = 1, APPEND_COW = 2 };
 
 static int append_kind(const pvl_cache *c, const pvl_table *t) {
   if (t->n_tokens % c->cfg.block_size == 0) return APPEND_NEW_BLOCK;
-  if (c->pool.refcount[t->blocks[t->n_blocks - 1]] > 1) return APPEND_COW;
+  /* Without forks no block is shared: skip the refcount (a cache miss per
+   * table on the decode path). */
+  if (c->pool.num_shared &&
+      c->pool.refcount[t->blocks[t->n_blocks - 1]] > 1)
+    return APPEND_COW;
   return APPEND_IN_PLACE;
 }
 
@@ -389,19 +395,23 @@ pvl_status pvl_seq_append(pvl_cache *c, const pvl_seq_id *seqs, uint32_t n,
 
   /* Pass 3: commit, consuming the copies in pass-2 order. */
   uint64_t k = 0;
+  c->mut_clock++;
   for (uint32_t i = 0; i < n; i++) {
     pvl_seq *s = pvl__seq_get(c, seqs[i]);
     uint32_t position = s->n_prompt + s->n_decoded;
+    bool changed = false;
     for (uint32_t l = 0; l < L; l++) {
       pvl_table *t = &s->tables[l];
       switch (kind[(size_t)i * L + l]) {
       case APPEND_NEW_BLOCK:
         t->blocks[t->n_blocks++] = pvl__pool_alloc(&c->pool);
+        changed = true;
         break;
       case APPEND_COW:
         pvl__pool_decref(&c->pool, t->blocks[t->n_blocks - 1]);
         t->blocks[t->n_blocks - 1] = cow[n_cow + k++];
         t->epoch = ++c->epoch_clock;
+        changed = true;
         break;
       default:
         break;
@@ -411,6 +421,7 @@ pvl_status pvl_seq_append(pvl_cache *c, const pvl_seq_id *seqs, uint32_t n,
       c->layer_tokens[l]++;
     }
     s->n_decoded++;
+    if (changed) s->version = ++c->epoch_clock;
   }
   return PVL_SUCCESS;
 }
@@ -465,10 +476,11 @@ void pvl__retain_abort(pvl_cache *c, pvl_retain_prep *prep) {
   prep->new_pos = NULL;
 }
 
-pvl_status pvl__retain_commit(pvl_cache *c, pvl_table *t, uint32_t layer,
+pvl_status pvl__retain_commit(pvl_cache *c, pvl_seq *s, uint32_t layer,
                               const uint32_t *keep, uint32_t n_keep,
                               pvl_retain_prep *prep, void *stream,
                               const char *fn) {
+  pvl_table *t = &s->tables[layer];
   const uint32_t bs = c->cfg.block_size;
   const uint32_t n_stay = prep->n_stay, n_new = prep->n_new;
   if (n_new > c->pool.num_free) {
@@ -518,6 +530,8 @@ pvl_status pvl__retain_commit(pvl_cache *c, pvl_table *t, uint32_t layer,
     prep->new_pos = NULL;
   }
   t->epoch = ++c->epoch_clock;
+  s->version = t->epoch;
+  c->mut_clock++;
   return PVL_SUCCESS;
 }
 
@@ -531,8 +545,8 @@ pvl_status pvl_seq_retain(pvl_cache *c, pvl_seq_id id, uint32_t layer,
   pvl_retain_prep prep;
   st = pvl__retain_prepare(c, t, keep, n_keep, &prep, __func__);
   if (st != PVL_SUCCESS) return st;
-  return pvl__retain_commit(c, t, layer, keep, n_keep, &prep, stream,
-                            __func__);
+  return pvl__retain_commit(c, pvl__seq_get(c, id), layer, keep, n_keep,
+                            &prep, stream, __func__);
 }
 
 /* ---- data ---- */

@@ -421,9 +421,11 @@ Test(plan, capacity_failure_leaves_the_plan_usable) {
     fill_seq(c, &r, s[i]);
   }
   pvl_plan *p = NULL;
-  TU_OK(c, pvl_plan_create(c, 4, 10, &p)); /* 10 ids per layer */
-  cr_assert_eq(plan_info(p).block_capacity, 10);
-  TU_OK(c, pvl_plan_build(p, s, 3, NULL)); /* 9 ids fit (no slack) */
+  /* 20 ids for both layers together: 3 sequences x 2 layers x 3 blocks =
+   * 18 fit (without slack), 4 sequences (24) do not. */
+  TU_OK(c, pvl_plan_create(c, 4, 20, &p));
+  cr_assert_eq(plan_info(p).block_capacity, 20);
+  TU_OK(c, pvl_plan_build(p, s, 3, NULL));
   tu_check_plan_rows(c, p, s, 3);
   float q[4 * HQ * D], out1[4 * HQ * D], out2[4 * HQ * D];
   tu_fill(&r, PVL_DTYPE_F32, -1, 1, q, NULL, 4 * HQ * D);
@@ -556,7 +558,7 @@ Test(plan, repack_under_pressure_stays_correct, .timeout = 120) {
     fill_seq(c, &r, pool[i]);
   }
   pvl_plan *p = NULL;
-  TU_OK(c, pvl_plan_create(c, 4, 120, &p));
+  TU_OK(c, pvl_plan_create(c, 4, 240, &p)); /* both layers together */
   uint64_t relocating_builds = 0;
   for (int step = 0; step < 400; step++) {
     /* A random batch of 1..4 distinct sequences. */
@@ -622,7 +624,7 @@ Test(plan, default_capacity_holds_a_full_pool) {
   pvl_cache *c = plan_cache(L, bs, NB);
   pvl_plan *p = NULL;
   TU_OK(c, pvl_plan_create(c, 8, 0, &p));
-  cr_assert_eq(plan_info(p).block_capacity, NB * 3 / 2 + 16 * 8);
+  cr_assert_eq(plan_info(p).block_capacity, NB * 5 / 4 + 4 * L * 8);
   /* Eight sequences that together take every block. */
   pvl_seq_id s[8];
   for (int i = 0; i < 8; i++) s[i] = tu_add(c, 16); /* 4 blocks x 2 layers */
