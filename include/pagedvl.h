@@ -197,8 +197,9 @@ PVL_API const char *pvl_create_last_error(void);
 /* Sequences                                                                */
 /* ------------------------------------------------------------------------ */
 
-/* Opaque sequence id. An id is never reused for the life of the cache, so a
- * stale id is detected (UNKNOWN_SEQUENCE), not aliased. */
+/* Opaque sequence id, never 0. An id is not reused for the life of the
+ * cache (a slot would have to be reused 2^40 times), so a stale id is
+ * detected (UNKNOWN_SEQUENCE), not aliased. */
 typedef uint64_t pvl_seq_id;
 
 /* Prompt positions [begin, end) that hold visual tokens. */
@@ -296,7 +297,8 @@ PVL_API pvl_status pvl_seq_visual_spans(const pvl_cache *cache,
 
 typedef enum pvl_admit {
   PVL_ADMIT_OK = 0,    /* enough free blocks now */
-  PVL_ADMIT_LATER = 1, /* fits the pool, not its free blocks now */
+  PVL_ADMIT_LATER = 1, /* fits the pool, but not its free blocks now, or
+                          max_seqs sequences are live */
   PVL_ADMIT_NEVER = 2  /* larger than the whole pool */
 } pvl_admit;
 

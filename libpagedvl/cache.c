@@ -173,7 +173,7 @@ static void cache_free_meta(pvl_cache *c) {
   uint32_t ms = c->cfg.max_seqs;
   pvl__pool_fini(&c->pool, a);
   pvl__free(a, c->slots, ms * sizeof(pvl_seq *));
-  pvl__free(a, c->slot_gen, ms * sizeof(uint32_t));
+  pvl__free(a, c->slot_gen, ms * sizeof(uint64_t));
   pvl__free(a, c->free_slots, ms * sizeof(uint32_t));
   pvl__free(a, c->layer_tokens, c->cfg.num_layers * sizeof(uint64_t));
   pvl__free(a, c->scratch, c->scratch_bytes);
@@ -203,7 +203,7 @@ static pvl_status create_on(const pvl_config *cfg, const pvl_backend_ops *be,
 
   uint32_t ms = cfg->max_seqs;
   c->slots = pvl__alloc(a, ms * sizeof(pvl_seq *));
-  c->slot_gen = pvl__alloc(a, ms * sizeof(uint32_t));
+  c->slot_gen = pvl__alloc(a, ms * sizeof(uint64_t));
   c->free_slots = pvl__alloc(a, ms * sizeof(uint32_t));
   c->layer_tokens = pvl__alloc(a, cfg->num_layers * sizeof(uint64_t));
   if (!c->slots || !c->slot_gen || !c->free_slots || !c->layer_tokens) {

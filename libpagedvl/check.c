@@ -35,7 +35,7 @@ pvl_status pvl__cache_check(const pvl_cache *c, char *msg, size_t msg_len) {
     const pvl_seq *s = c->slots[i];
     if (!s) continue;
     live++;
-    if ((uint32_t)(s->id & 0xffffffffu) != i) BAD("seq in slot %u has id %llx", i, (unsigned long long)s->id);
+    if ((uint32_t)(s->id & 0xffffffu) != i) BAD("seq in slot %u has id %llx", i, (unsigned long long)s->id);
     for (uint32_t l = 0; l < L; l++) {
       const pvl_table *t = &s->tables[l];
       if (t->n_blocks != t->n_tokens / bs + (t->n_tokens % bs != 0))

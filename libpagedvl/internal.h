@@ -210,9 +210,9 @@ struct pvl_cache {
   pvl_pool pool;
   void *storage; /* pool storage (host or device) */
 
-  /* Sequence slots: id = (generation << 32) | slot. */
+  /* Sequence slots: id = (generation << 24) | slot. */
   pvl_seq **slots;        /* [max_seqs], NULL when free */
-  uint32_t *slot_gen;     /* [max_seqs] generation of the slot's last id */
+  uint64_t *slot_gen;     /* [max_seqs] generation of the slot's last id */
   uint32_t *free_slots;   /* [max_seqs] stack */
   uint32_t num_free_slots;
   uint32_t num_seqs;

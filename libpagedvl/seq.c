@@ -6,8 +6,10 @@
 
 #include "internal.h"
 
-#define SEQ_SLOT(id) ((uint32_t)((id) & 0xffffffffu))
-#define SEQ_GEN(id) ((uint32_t)((id) >> 32))
+/* id = generation << 24 | slot: max_seqs <= 2^24, and a 40-bit generation
+ * per slot never wraps in practice (2^40 reuses of one slot). */
+#define SEQ_SLOT_BITS 24
+#define SEQ_SLOT(id) ((uint32_t)((id) & ((1u << SEQ_SLOT_BITS) - 1)))
 
 static inline uint32_t ceil_div(uint32_t a, uint32_t b) {
   return a / b + (a % b != 0);
@@ -131,9 +133,8 @@ static pvl_seq *seq_new(pvl_cache *c, const pvl_span *spans,
 
 static void seq_register(pvl_cache *c, pvl_seq *s) {
   uint32_t slot = c->free_slots[--c->num_free_slots];
-  uint32_t gen = ++c->slot_gen[slot];
-  if (gen == 0) gen = c->slot_gen[slot] = 1; /* id 0 is never issued */
-  s->id = ((uint64_t)gen << 32) | slot;
+  uint64_t gen = ++c->slot_gen[slot]; /* from 1: id 0 is never issued */
+  s->id = (gen << SEQ_SLOT_BITS) | slot;
   c->slots[slot] = s;
   c->num_seqs++;
   c->mut_clock++;
