@@ -10,18 +10,6 @@ namespace {
 
 using namespace pvlk::decode;
 
-/* Multiprocessors of the current device, 0 when it cannot be read. */
-int sm_count() {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) !=
-          cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  return sms;
-}
-
 int group_chunks(int group) { return (group + kMaxGroup - 1) / kMaxGroup; }
 
 /* Splits per row. The grid (and so the workspace) depends only on the batch
@@ -79,7 +67,7 @@ size_t pvlk_attention_workspace_bytes(const pvl_kv_geom *g, int32_t max_seqs,
     return 0;
   /* Without a readable device, size for a GPU larger than any current one:
    * more slots only ever mean more splits. */
-  int sms = sm_count();
+  int sms = pvlk::sm_count();
   if (sms <= 0) sms = 256;
   const int chunks = group_chunks(num_q_heads / g->num_kv_heads);
   /* Rows beyond the slot count never split; below it the need is not
@@ -124,7 +112,7 @@ pvl_status pvlk_attention_decode(const void *storage, const pvl_kv_geom *g,
   if (!aligned16(storage) || !aligned16(q) || !aligned16(out))
     return PVL_ERR_INVALID_ARGUMENT;
 
-  const int sms = sm_count();
+  const int sms = pvlk::sm_count();
   if (sms <= 0) return PVL_ERR_CUDA;
   const int group = num_q_heads / g->num_kv_heads;
   const int chunks = group_chunks(group);

@@ -187,6 +187,19 @@ inline pvl_status launch_status() {
   return cudaGetLastError() == cudaSuccess ? PVL_SUCCESS : PVL_ERR_CUDA;
 }
 
+/* Multiprocessors of the current device, 0 when it cannot be read (the
+ * launch heuristics then assume a large GPU). */
+inline int sm_count() {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) !=
+          cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return sms;
+}
+
 inline pvl_status cuda_status(cudaError_t e) {
   if (e == cudaSuccess) return PVL_SUCCESS;
   (void)cudaGetLastError();

@@ -547,16 +547,6 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(const Params p) {
 
 /* ---- host side --------------------------------------------------------- */
 
-int sm_count() {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) !=
-          cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  return sms;
-}
 
 /* Most pass 1 splits a workspace for `entries` (row, head) pairs holds. */
 int split_cap(uint64_t entries) {
@@ -693,7 +683,7 @@ pvl_status pvlk_observe(const void *storage, const pvl_kv_geom *g,
         cudaMemsetAsync(seen, 0, (size_t)n_keys * sizeof(uint32_t), s));
   if (st != PVL_SUCCESS || n_keys == 0 || n_rows == 0) return st;
 
-  int sms = sm_count();
+  int sms = pvlk::sm_count();
   if (sms <= 0) return PVL_ERR_CUDA;
 
   Params p;

@@ -11,6 +11,7 @@
 
 #include "internal.h"
 #include "pagedvl.h"
+#include "testutil.h"
 
 #define OK(c, call)                                                          \
   do {                                                                       \
@@ -36,24 +37,10 @@
               near_e_, (double)(tol));                                       \
   } while (0)
 
+/* An f32 CPU cache (testutil's, which asserts the creation). */
 static pvl_cache *mk_cache(uint32_t L, uint32_t hq, uint32_t hkv, uint32_t d,
                            uint32_t bs, uint32_t nb) {
-  pvl_config cfg;
-  cr_assert_eq(pvl_config_init(&cfg), PVL_SUCCESS);
-  cfg.backend = PVL_BACKEND_CPU;
-  cfg.dtype = PVL_DTYPE_F32;
-  cfg.num_layers = L;
-  cfg.num_q_heads = hq;
-  cfg.num_kv_heads = hkv;
-  cfg.head_dim = d;
-  cfg.block_size = bs;
-  cfg.num_blocks = nb;
-  cfg.max_seqs = 16;
-  pvl_cache *c = NULL;
-  pvl_status st = pvl_cache_create(&cfg, &c);
-  cr_assert_eq(st, PVL_SUCCESS, "pvl_cache_create: %s",
-               pvl_create_last_error());
-  return c;
+  return tu_cache(L, hq, hkv, d, bs, nb, PVL_DTYPE_F32);
 }
 
 static pvl_policy pol(pvl_policy_kind kind) {
