@@ -403,6 +403,40 @@ static float load_elem(pvl_dtype dt, const void *src, size_t i) {
   return bf16_to_f32(((const uint16_t *)src)[i]);
 }
 
+/* Observation queries with the structure VL-Cache measures in real VLMs:
+ * the rows of layer l lean toward a few salient image tokens' keys with a
+ * strength that is zero for the first two layers and grows after, so early
+ * layers attend densely and late ones sparsely. Random queries alone would
+ * give every layer the same dense attention, and sparsity-aware budgets
+ * would come out uniform. k is the request's K of this layer, token-major
+ * [n_prompt][hkv][d] in dtype dt (host memory); q gets [n_rows][hq][d]. */
+static void window_queries(pvl_dtype dt, const void *k, uint32_t hkv,
+                           uint32_t hq, uint32_t d, pvl_span image,
+                           uint32_t l, uint32_t L, uint32_t n_rows,
+                           uint64_t *rng, void *q, float *u) {
+  const float sharp =
+      (l < 2 || L < 3) ? 0.0f : 1.5f * (float)(l - 1) / (float)(L - 2);
+  const uint32_t len = image.end - image.begin, grp = hq / hkv;
+  for (uint32_t g = 0; g < hkv; g++) {
+    /* u = unit sum of 8 salient keys, spread over the image */
+    float norm = 0.0f;
+    for (uint32_t e = 0; e < d; e++) u[e] = 0.0f;
+    for (uint32_t t = 0; len > 0 && t < 8; t++) {
+      size_t tok = image.begin + (size_t)(2 * t + 1) * len / 16;
+      for (uint32_t e = 0; e < d; e++)
+        u[e] += load_elem(dt, k, (tok * hkv + g) * d + e);
+    }
+    for (uint32_t e = 0; e < d; e++) norm += u[e] * u[e];
+    norm = norm > 0.0f ? sqrtf(norm) : 1.0f;
+    for (uint32_t i = 0; i < n_rows; i++)
+      for (uint32_t h = g * grp; h < (g + 1) * grp; h++)
+        for (uint32_t e = 0; e < d; e++)
+          store_elem(dt, q, ((size_t)i * hq + h) * d + e,
+                     rng_float(rng) +
+                         sharp * 2.0f * sqrtf((float)d) * u[e] / norm);
+  }
+}
+
 static const char *dtype_name(pvl_dtype dt) {
   return dt == PVL_DTYPE_F32 ? "f32" : dt == PVL_DTYPE_F16 ? "f16" : "bf16";
 }
@@ -469,6 +503,7 @@ int main(int argc, char **argv) {
   pvl_plan *plan = NULL;
   pvl_seq_id *ids = NULL;
   uint32_t *layer_budget = NULL;
+  void *qwin = NULL, *qwin_host = NULL;
   float *layer_density = NULL;
   uint32_t n_seqs = 0;
   pvl_backend be = PVL_BACKEND_CPU;
@@ -643,10 +678,24 @@ int main(int argc, char **argv) {
     t0 = now_s();
     uint32_t first = 0, n_rows = 0, fallback = 0;
     CHECK(pvl_policy_rows(&policy, cache, id, &first, &n_rows, &fallback));
+    if (n_rows > 0 && !qwin) {
+      /* The widest window any policy asks for is the whole prompt (H2O). */
+      qwin = buf_alloc(be, (size_t)n_prompt * row_q * esz);
+      qwin_host = malloc((size_t)n_prompt * row_q * esz + d * sizeof(float));
+      if (!qwin || !qwin_host) {
+        fprintf(stderr, "batched_decode: out of memory for queries\n");
+        goto cleanup;
+      }
+    }
     for (uint32_t l = 0; n_rows > 0 && l < L; l++) {
-      size_t off = (r * L + l) * 5 * row_q;
-      CHECK(pvl_observe(cache, id, l, AT(prefill_buf, off), first, n_rows,
-                        policy.threshold, 0.0f, NULL));
+      const size_t off = (r * L + l) * 7 * row_kv; /* this layer's K */
+      float *u = (float *)((char *)qwin_host + (size_t)n_rows * row_q * esz);
+      window_queries(dt, (const char *)host + (off % wrap) * esz, hkv, hq, d,
+                     image, l, L, n_rows, &rng, qwin_host, u);
+      if (buf_upload(be, qwin, qwin_host, (size_t)n_rows * row_q * esz) != 0)
+        goto cleanup;
+      CHECK(pvl_observe(cache, id, l, qwin, first, n_rows, policy.threshold,
+                        0.0f, NULL));
     }
     pvl_compress_report rep;
     memset(&rep, 0, sizeof(rep));
@@ -815,6 +864,8 @@ cleanup:
   pvl_cache_destroy(cache);
   free(layer_budget);
   free(layer_density);
+  free(qwin_host);
+  buf_free(be, qwin);
   buf_free(be, prefill_buf);
   buf_free(be, step_buf);
   buf_free(be, out_buf);
