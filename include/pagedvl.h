@@ -121,6 +121,15 @@ typedef enum pvl_dtype {
 /* Byte size of one element of `dtype`, 0 for an unknown value. */
 PVL_API size_t pvl_dtype_size(pvl_dtype dtype);
 
+/* Whether caches of `backend` can be created on this machine: *out = 1 for
+ * PVL_BACKEND_CPU and AUTO (always), and for PVL_BACKEND_CUDA when the
+ * library was built with CUDA and device `device` exists with a usable
+ * driver; else 0. Shapes are not checked: pvl_cache_create may still say
+ * UNSUPPORTED (CUDA kernels take head_dim 64/128/256, block 16/32, f16/bf16).
+ * Does not change the current device. */
+PVL_API pvl_status pvl_backend_available(pvl_backend backend, int32_t device,
+                                         int *out);
+
 /* Host-metadata allocator: the seam every host allocation of a cache goes
  * through (tables, sequences, plans, and the CPU backend's block storage).
  * `alloc` returns memory aligned to `align` (a power of two <= 4096) or NULL;

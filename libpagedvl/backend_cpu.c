@@ -45,6 +45,11 @@ static pvl_status cpu_init(pvl_cache *c) {
   return PVL_SUCCESS;
 }
 
+static int cpu_available(int32_t device) {
+  (void)device;
+  return 1;
+}
+
 static void cpu_fini(pvl_cache *c) {
   pvl__free_aligned(c->alloc, c->storage,
                     c->block_bytes * c->cfg.num_blocks, 64);
@@ -387,6 +392,7 @@ static pvl_status cpu_select_top(pvl_cache *c, const float *scores,
 const pvl_backend_ops pvl__cpu_backend = {
     .name = "cpu",
     .init = cpu_init,
+    .available = cpu_available,
     .fini = cpu_fini,
     .copy_blocks = cpu_copy_blocks,
     .gather = cpu_gather,

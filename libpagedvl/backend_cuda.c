@@ -144,6 +144,15 @@ static pvl_status cuda_init(pvl_cache *c) {
   return PVL_SUCCESS;
 }
 
+static int cuda_available(int32_t device) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return device >= 0 && device < n;
+}
+
 static void cuda_fini(pvl_cache *c) {
   cuda_state *s = state(c);
   if (c->storage) cudaFree(c->storage);
@@ -439,6 +448,7 @@ static pvl_status cuda_select_top(pvl_cache *c, const float *scores,
 static const pvl_backend_ops g_cuda = {
     .name = "cuda",
     .init = cuda_init,
+    .available = cuda_available,
     .fini = cuda_fini,
     .copy_blocks = cuda_copy_blocks,
     .gather = cuda_gather,

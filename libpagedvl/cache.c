@@ -168,6 +168,24 @@ static pvl_status pick_backend(const pvl_config *cfg,
                    "unknown backend");
 }
 
+pvl_status pvl_backend_available(pvl_backend backend, int32_t device,
+                                 int *out) {
+  if (!out)
+    return PVL_FAIL(NULL, PVL_ERR_INVALID_ARGUMENT, "out is NULL");
+  const pvl_backend_ops *cuda = pvl__cuda_backend();
+  switch (backend) {
+  case PVL_BACKEND_CPU:
+  case PVL_BACKEND_AUTO:
+    *out = 1;
+    return PVL_SUCCESS;
+  case PVL_BACKEND_CUDA:
+    *out = cuda ? cuda->available(device) : 0;
+    return PVL_SUCCESS;
+  }
+  return PVL_FAIL(NULL, PVL_ERR_INVALID_ARGUMENT, "unknown backend %d",
+                  (int)backend);
+}
+
 static void cache_free_meta(pvl_cache *c) {
   const pvl_allocator *a = c->alloc;
   uint32_t ms = c->cfg.max_seqs;

@@ -150,6 +150,8 @@ typedef struct pvl_backend_ops {
   /* Allocates the pool storage (cache->storage) for cache->cfg.num_blocks
    * blocks, deriving num_blocks first if it is 0. */
   pvl_status (*init)(pvl_cache *c);
+  /* 1 if a cache could be created on `device` (no shape checks). */
+  int (*available)(int32_t device);
   void (*fini)(pvl_cache *c);
   /* Copy-on-write: block dst[i] <- src[i] for i < n (host arrays). */
   pvl_status (*copy_blocks)(pvl_cache *c, const int32_t *src,

@@ -635,3 +635,32 @@ Test(api, attention_accepts_every_finite_positive_scale) {
   }
   fixture_fini(&F);
 }
+
+Test(api, backend_available) {
+  int yes = -1;
+  cr_assert_eq(pvl_backend_available(PVL_BACKEND_CPU, 0, &yes), PVL_SUCCESS);
+  cr_assert_eq(yes, 1);
+  yes = -1;
+  cr_assert_eq(pvl_backend_available(PVL_BACKEND_AUTO, 0, &yes), PVL_SUCCESS);
+  cr_assert_eq(yes, 1);
+  yes = -1;
+  cr_assert_eq(pvl_backend_available(PVL_BACKEND_CUDA, 0, &yes), PVL_SUCCESS);
+  if (pvl__cuda_backend() == NULL) cr_assert_eq(yes, 0, "built without CUDA");
+  cr_assert(yes == 0 || yes == 1);
+  /* A device index that cannot exist is never available. */
+  cr_assert_eq(pvl_backend_available(PVL_BACKEND_CUDA, -1, &yes), PVL_SUCCESS);
+  cr_assert_eq(yes, 0);
+  /* Agrees with what creation says. */
+  pvl_config cfg = tu_config(1, 4, 4, 64, 16, 8, PVL_DTYPE_F16);
+  cfg.backend = PVL_BACKEND_CUDA;
+  cr_assert_eq(pvl_backend_available(PVL_BACKEND_CUDA, 0, &yes), PVL_SUCCESS);
+  pvl_cache *c = NULL;
+  pvl_status st = pvl_cache_create(&cfg, &c);
+  cr_assert_eq(st == PVL_SUCCESS, yes == 1, "available %d, create %s", yes,
+               pvl_status_string(st));
+  pvl_cache_destroy(c);
+  cr_assert_eq(pvl_backend_available((pvl_backend)7, 0, &yes),
+               PVL_ERR_INVALID_ARGUMENT);
+  cr_assert_eq(pvl_backend_available(PVL_BACKEND_CPU, 0, NULL),
+               PVL_ERR_INVALID_ARGUMENT);
+}
