@@ -277,12 +277,25 @@ static pvl_status cpu_attention(pvl_plan *p, uint32_t layer, const void *q,
 /* Reference observation (DESIGN.md section 5, Eq. 1-2 and the scores).
  * For each KV head, a tile of query rows of every head of the group runs
  * two passes over the keys the rows see: pass 1 keeps each row's running
- * max and sum of exponentials (online, in double), pass 2 recomputes the
- * logits, adds the probabilities to the per-key sums and counts the entries
- * at or above max + ln p. Memory is O(tile x d + keys), never rows x keys.
- * Keys' positions ascend with their slots, so the keys a row sees are a
- * prefix of the table. */
+ * max and sum of exponentials (online, sums in double), pass 2 recomputes
+ * the logits, adds the probabilities to the per-key sums and counts the
+ * entries at or above max + ln p. Keys go through in tiles of OBS_KT,
+ * transposed, so a query's logits for a whole key tile are one vectorizable
+ * loop. Memory is O(tiles + keys), never rows x keys. Keys' positions
+ * ascend with their slots, so the keys a row sees are a prefix. */
 #define OBS_TILE 16
+#define OBS_KT 32
+
+/* s[jj] = q . k_jj for the OBS_KT keys of a transposed tile kt[e][jj]. */
+static inline void tile_logits(const float *q, const float *kt, int32_t d,
+                               float *s) {
+  for (int jj = 0; jj < OBS_KT; jj++) s[jj] = 0.0f;
+  for (int32_t e = 0; e < d; e++) {
+    const float qe = q[e];
+    const float *row = kt + (size_t)e * OBS_KT;
+    for (int jj = 0; jj < OBS_KT; jj++) s[jj] += qe * row[jj];
+  }
+}
 
 static pvl_status cpu_observe(pvl_cache *c, const pvl_table *t, const void *q,
                               uint32_t first_pos, uint32_t n_rows,
@@ -296,19 +309,22 @@ static pvl_status cpu_observe(pvl_cache *c, const pvl_table *t, const void *q,
   const char *base = c->storage;
   const uint32_t n_keys = t->n_tokens;
 
-  /* scratch: q tile [OBS_TILE][grp][d] + k row [d] floats; max, sum
-   * [OBS_TILE][grp] doubles; visible counts [OBS_TILE] uint32. */
+  /* scratch: max, sum [OBS_TILE][grp] doubles; q tile [OBS_TILE][grp][d],
+   * key tile [d][OBS_KT], a key row [d] and logits [OBS_KT] floats; visible
+   * counts [OBS_TILE]. */
   const size_t nq = (size_t)OBS_TILE * grp;
   size_t bytes = 2 * nq * sizeof(double) +
-                 (nq * d + (size_t)d) * sizeof(float) +
+                 (nq * d + (size_t)d * OBS_KT + (size_t)d + OBS_KT) *
+                     sizeof(float) +
                  OBS_TILE * sizeof(uint32_t);
   double *mx = pvl__scratch(c, bytes);
   if (!mx)
     return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "observe scratch (%zu bytes)",
                     bytes);
   double *sum = mx + nq;
-  float *qf = (float *)(sum + nq), *kf = qf + nq * d;
-  uint32_t *vis = (uint32_t *)(kf + d);
+  float *qf = (float *)(sum + nq), *kt = qf + nq * d;
+  float *krow = kt + (size_t)d * OBS_KT, *lg = krow + d;
+  uint32_t *vis = (uint32_t *)(lg + OBS_KT);
 
   for (uint32_t r0 = 0; r0 < n_rows; r0 += OBS_TILE) {
     const uint32_t nr = n_rows - r0 < OBS_TILE ? n_rows - r0 : OBS_TILE;
@@ -319,8 +335,7 @@ static pvl_status cpu_observe(pvl_cache *c, const pvl_table *t, const void *q,
       while (v < n_keys && (t->pos ? t->pos[v] : v) <= P) v++;
       vis[r] = v;
       if (v > max_vis) max_vis = v;
-      if (v) /* a row that sees no key contributes nothing */
-        for (uint32_t j = 0; j < v; j++) obs->seen[j]++;
+      for (uint32_t j = 0; j < v; j++) obs->seen[j]++;
     }
     for (int32_t kvh = 0; kvh < hkv; kvh++) {
       for (uint32_t r = 0; r < nr; r++) {
@@ -333,31 +348,44 @@ static pvl_status cpu_observe(pvl_cache *c, const pvl_table *t, const void *q,
         sum[i] = 0.0;
       }
       for (int pass = 0; pass < 2; pass++) {
-        for (uint32_t j = 0; j < max_vis; j++) {
-          pvl__load_f32(dt,
-                        base + slot_offset(c, t->blocks[j / (uint32_t)bs], 0,
-                                           kvh, (int32_t)(j % (uint32_t)bs)),
-                        kf, (size_t)d);
+        for (uint32_t j0 = 0; j0 < max_vis; j0 += OBS_KT) {
+          const uint32_t nk =
+              max_vis - j0 < OBS_KT ? max_vis - j0 : OBS_KT;
+          /* Transposed key tile; keys past the tile's end are zeros. */
+          for (uint32_t jj = 0; jj < OBS_KT; jj++) {
+            const uint32_t j = j0 + jj;
+            if (jj < nk)
+              pvl__load_f32(dt,
+                            base + slot_offset(c, t->blocks[j / (uint32_t)bs],
+                                               0, kvh,
+                                               (int32_t)(j % (uint32_t)bs)),
+                            krow, (size_t)d);
+            for (int32_t e = 0; e < d; e++)
+              kt[(size_t)e * OBS_KT + jj] = jj < nk ? krow[e] : 0.0f;
+          }
           for (uint32_t r = 0; r < nr; r++) {
-            if (j >= vis[r]) continue;
+            if (vis[r] <= j0) continue;
+            const uint32_t nj = vis[r] - j0 < nk ? vis[r] - j0 : nk;
             for (int32_t i = 0; i < grp; i++) {
-              const float s =
-                  dot_f32(qf + ((size_t)r * grp + i) * d, kf, d) * scale;
               const size_t ri = (size_t)r * grp + i;
-              /* expf of a non-positive float argument; the sums are kept
-               * in double. */
-              if (pass == 0) {
-                if (s > mx[ri]) {
-                  sum[ri] = sum[ri] * expf((float)(mx[ri] - s)) + 1.0;
-                  mx[ri] = s;
+              const uint32_t h = (uint32_t)(kvh * grp + i);
+              tile_logits(qf + ri * d, kt, d, lg);
+              for (uint32_t jj = 0; jj < nj; jj++) {
+                const float s = lg[jj] * scale;
+                /* expf of a non-positive float argument; the sums are
+                 * kept in double. */
+                if (pass == 0) {
+                  if (s > mx[ri]) {
+                    sum[ri] = sum[ri] * expf((float)(mx[ri] - s)) + 1.0;
+                    mx[ri] = s;
+                  } else {
+                    sum[ri] += expf(s - (float)mx[ri]);
+                  }
                 } else {
-                  sum[ri] += expf(s - (float)mx[ri]);
+                  obs->raw[j0 + jj] += expf(s - (float)mx[ri]) / sum[ri];
+                  obs->total[h]++;
+                  obs->below[h] += (double)s < mx[ri] + (double)log_p;
                 }
-              } else {
-                obs->raw[j] += expf(s - (float)mx[ri]) / sum[ri];
-                const uint32_t h = (uint32_t)(kvh * grp + i);
-                obs->total[h]++;
-                obs->below[h] += (double)s < mx[ri] + (double)log_p;
               }
             }
           }
