@@ -91,13 +91,8 @@ pvl_status pvlk_attention_decode(const void *storage, const pvl_kv_geom *g,
                                  float scale, void *workspace,
                                  size_t workspace_bytes, void *stream) {
   pvlk::PoolBytes pb;
-  const pvl_status gst = pvlk::check_geom(g, &pb);
+  const pvl_status gst = pvlk::check_kernel_shape(g, &pb);
   if (gst != PVL_SUCCESS) return gst;
-  if (g->dtype != PVL_DTYPE_F16 && g->dtype != PVL_DTYPE_BF16)
-    return PVL_ERR_UNSUPPORTED;
-  if (g->head_dim != 64 && g->head_dim != 128 && g->head_dim != 256)
-    return PVL_ERR_UNSUPPORTED;
-  if (g->block_size != 16 && g->block_size != 32) return PVL_ERR_UNSUPPORTED;
   if (plan == nullptr || plan->buf == nullptr || plan->num_layers < 1 ||
       plan->max_seqs < 0 || plan->n_seqs < 0 || plan->n_seqs > plan->max_seqs ||
       layer < 0 || layer >= plan->num_layers)

@@ -187,6 +187,19 @@ inline pvl_status launch_status() {
   return cudaGetLastError() == cudaSuccess ? PVL_SUCCESS : PVL_ERR_CUDA;
 }
 
+/* check_geom plus the shapes the attention and observe kernels are built
+ * for: f16/bf16, head_dim 64/128/256, block_size 16/32 (else UNSUPPORTED). */
+inline pvl_status check_kernel_shape(const pvl_kv_geom *g, PoolBytes *out) {
+  const pvl_status st = check_geom(g, out);
+  if (st != PVL_SUCCESS) return st;
+  if (g->dtype != PVL_DTYPE_F16 && g->dtype != PVL_DTYPE_BF16)
+    return PVL_ERR_UNSUPPORTED;
+  if (g->head_dim != 64 && g->head_dim != 128 && g->head_dim != 256)
+    return PVL_ERR_UNSUPPORTED;
+  if (g->block_size != 16 && g->block_size != 32) return PVL_ERR_UNSUPPORTED;
+  return PVL_SUCCESS;
+}
+
 /* Multiprocessors of the current device, 0 when it cannot be read (the
  * launch heuristics then assume a large GPU). */
 inline int sm_count() {

@@ -629,13 +629,8 @@ pvl_status pvlk_observe(const void *storage, const pvl_kv_geom *g,
                         unsigned long long *below, unsigned long long *total,
                         void *workspace, size_t workspace_bytes, void *stream) {
   pvlk::PoolBytes pb;
-  const pvl_status gst = pvlk::check_geom(g, &pb);
+  const pvl_status gst = pvlk::check_kernel_shape(g, &pb);
   if (gst != PVL_SUCCESS) return gst;
-  if (g->dtype != PVL_DTYPE_F16 && g->dtype != PVL_DTYPE_BF16)
-    return PVL_ERR_UNSUPPORTED;
-  if (g->head_dim != 64 && g->head_dim != 128 && g->head_dim != 256)
-    return PVL_ERR_UNSUPPORTED;
-  if (g->block_size != 16 && g->block_size != 32) return PVL_ERR_UNSUPPORTED;
   if (num_q_heads < 1 || num_q_heads % g->num_kv_heads != 0)
     return PVL_ERR_INVALID_ARGUMENT;
   const int group = num_q_heads / g->num_kv_heads;

@@ -206,14 +206,22 @@ static pvl_status cuda_gather(pvl_cache *c, const int64_t *src_slots,
   return st == PVL_SUCCESS ? st : PVL_FAIL(c, st, "pvlk_gather_slots");
 }
 
+/* Common part of the range copies: checks the tensors' alignment and
+ * uploads the block ids the range [first, first + n) spans. */
+static pvl_status upload_range(pvl_cache *c, const int32_t *blocks,
+                               uint32_t first, uint32_t n, const void *k,
+                               const void *v, void *stream, const char *fn) {
+  const uint32_t bs = (uint32_t)c->geom.block_size;
+  const size_t nb = ((size_t)first + n + bs - 1) / bs;
+  pvl_status st = check_aligned(c, fn, k, v);
+  if (st != PVL_SUCCESS) return st;
+  return to_scratch(c, 0, blocks, nb * sizeof(int32_t), stream, fn);
+}
+
 static pvl_status cuda_write_range(pvl_cache *c, const int32_t *blocks,
                                    uint32_t first, uint32_t n, const void *k,
                                    const void *v, void *stream) {
-  const uint32_t bs = (uint32_t)c->geom.block_size;
-  const size_t nb = ((size_t)first + n + bs - 1) / bs;
-  pvl_status st = check_aligned(c, __func__, k, v);
-  if (st == PVL_SUCCESS)
-    st = to_scratch(c, 0, blocks, nb * sizeof(int32_t), stream, __func__);
+  pvl_status st = upload_range(c, blocks, first, n, k, v, stream, __func__);
   if (st != PVL_SUCCESS) return st;
   st = pvlk_kv_write_range(c->storage, &c->geom, state(c)->scratch, first, n,
                            k, v, stream);
@@ -225,11 +233,7 @@ static pvl_status cuda_read_range(const pvl_cache *cc, const int32_t *blocks,
                                   void *stream) {
   /* The scratch is not logical state: a read may reuse it. */
   pvl_cache *c = (pvl_cache *)cc;
-  const uint32_t bs = (uint32_t)c->geom.block_size;
-  const size_t nb = ((size_t)first + n + bs - 1) / bs;
-  pvl_status st = check_aligned(c, __func__, k, v);
-  if (st == PVL_SUCCESS)
-    st = to_scratch(c, 0, blocks, nb * sizeof(int32_t), stream, __func__);
+  pvl_status st = upload_range(c, blocks, first, n, k, v, stream, __func__);
   if (st != PVL_SUCCESS) return st;
   st = pvlk_kv_read_range(c->storage, &c->geom, state(c)->scratch, first, n,
                           k, v, stream);

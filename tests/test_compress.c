@@ -14,22 +14,6 @@
 #include "pagedvl.h"
 #include "testutil.h"
 
-#define OK(c, call)                                                          \
-  do {                                                                       \
-    pvl_status ok_st_ = (call);                                              \
-    cr_assert_eq(ok_st_, PVL_SUCCESS, "%s:%d: %s -> %s (%s | %s)", __FILE__, \
-                 __LINE__, #call, pvl_status_string(ok_st_),                 \
-                 pvl_cache_last_error(c), pvl_create_last_error());          \
-  } while (0)
-
-#define IS(expected, call)                                                   \
-  do {                                                                       \
-    pvl_status is_st_ = (call);                                              \
-    cr_assert_eq(is_st_, (expected), "%s:%d: %s -> %s, expected %s",         \
-                 __FILE__, __LINE__, #call, pvl_status_string(is_st_),       \
-                 pvl_status_string(expected));                               \
-  } while (0)
-
 #define CHECK_CACHE(c)                                                       \
   do {                                                                       \
     char chk_msg_[512] = "";                                                 \
@@ -131,7 +115,7 @@ static void hk_write(pvl_cache *c, pvl_seq_id s, hostkv *h, rng *r,
       k[i] = runif(r, -amp, amp);
       v[i] = runif(r, -1.0f, 1.0f);
     }
-    OK(c, pvl_kv_write(c, s, l, slot, n, k, v, NULL));
+    TU_OK(c, pvl_kv_write(c, s, l, slot, n, k, v, NULL));
   }
 }
 
@@ -185,16 +169,16 @@ static pvl_seq_id add_fragmented(pvl_cache *c, rng *r, uint32_t m,
                                  pvl_seq_id *fillers, uint32_t *n_fill) {
   pvl_seq_id tmp[8];
   *n_fill = 0;
-  for (int i = 0; i < 8; i++) OK(c, pvl_seq_add(c, rrange(r, 1, 9), NULL, 0, &tmp[i]));
+  for (int i = 0; i < 8; i++) TU_OK(c, pvl_seq_add(c, rrange(r, 1, 9), NULL, 0, &tmp[i]));
   for (int i = 0; i < 8; i++) {
     if (i % 2)
-      OK(c, pvl_seq_free(c, tmp[i]));
+      TU_OK(c, pvl_seq_free(c, tmp[i]));
     else
       fillers[(*n_fill)++] = tmp[i];
   }
   pvl_seq_id s;
-  OK(c, pvl_seq_add(c, m, spans, n_spans, &s));
-  OK(c, pvl_seq_add(c, rrange(r, 1, 7), NULL, 0, &fillers[(*n_fill)++]));
+  TU_OK(c, pvl_seq_add(c, m, spans, n_spans, &s));
+  TU_OK(c, pvl_seq_add(c, rrange(r, 1, 7), NULL, 0, &fillers[(*n_fill)++]));
   return s;
 }
 
@@ -350,7 +334,7 @@ Test(observe, matches_dense_reference_on_fragmented_pages) {
         uint32_t done = 0;
         while (done < rows) {
           uint32_t n = rrange(&r, 1, rows - done);
-          OK(c, pvl_observe(c, s, l, q + (size_t)done * hq * d, first + done,
+          TU_OK(c, pvl_observe(c, s, l, q + (size_t)done * hq * d, first + done,
                             n, p, scale, NULL));
           done += n;
         }
@@ -392,9 +376,9 @@ Test(observe, matches_reference_after_retain_and_decode) {
     uint32_t *keep = malloc(m * sizeof(uint32_t)), nk = 0;
     for (uint32_t j = 0; j < m; j++)
       if (rbelow(&r, 3) == 0 || j == 0) keep[nk++] = j;
-    OK(c, pvl_seq_retain(c, s, 0, keep, nk, NULL));
+    TU_OK(c, pvl_seq_retain(c, s, 0, keep, nk, NULL));
     for (uint32_t t = 0; t < nd; t++) {
-      OK(c, pvl_seq_append(c, &s, 1, NULL));
+      TU_OK(c, pvl_seq_append(c, &s, 1, NULL));
       hk_write(c, s, &h, &r, m + t, 1, nk + t, 1.5f);
     }
     const uint32_t n_keys = nk + nd;
@@ -414,7 +398,7 @@ Test(observe, matches_reference_after_retain_and_decode) {
              row * sizeof(float));
     const uint32_t first = rbelow(&r, m + nd), rows = m + nd - first;
     float *q = rand_q(&r, rows, hq, d, 1.5f);
-    OK(c, pvl_observe(c, s, 0, q, first, rows, 0.05f, 0.0f, NULL));
+    TU_OK(c, pvl_observe(c, s, 0, q, first, rows, 0.05f, 0.0f, NULL));
     refobs ref = ref_new(n_keys, hq);
     ref_observe(keys, kpos, n_keys, q, first, rows, hq, hkv, d,
                 1.0 / sqrt((double)d), log(0.05), &ref);
@@ -468,7 +452,7 @@ Test(budgets, random_properties) {
     p.min_layer_ratio = mlr;
 
     /* Algorithm 1 as written. */
-    OK(NULL, pvl_policy_budgets(&p, L, m, dens, k));
+    TU_OK(NULL, pvl_policy_budgets(&p, L, m, dens, k));
     double Z = 0.0;
     for (uint32_t l = 0; l < L; l++) Z += dens[l];
     for (uint32_t l = 0; l < L; l++) {
@@ -491,7 +475,7 @@ Test(budgets, random_properties) {
      * of clip(lambda d_l m, lo, m) for the lambda that sums to T (found
      * here by an independent bisection). */
     p.renormalize = 1;
-    OK(NULL, pvl_policy_budgets(&p, L, m, dens, k));
+    TU_OK(NULL, pvl_policy_budgets(&p, L, m, dens, k));
     uint32_t lo = (uint32_t)ceil((double)mlr * m);
     if (lo < 1) lo = 1;
     if (lo > m) lo = m;
@@ -570,7 +554,7 @@ Test(budgets, random_properties) {
     for (int i = 0; i < 3; i++) {
       pvl_policy u = pol(uni[i]);
       u.keep_ratio = alpha;
-      OK(NULL, pvl_policy_budgets(&u, L, m, NULL, k));
+      TU_OK(NULL, pvl_policy_budgets(&u, L, m, NULL, k));
       uint32_t want = rhu((double)alpha * m);
       if (want < 1) want = 1;
       for (uint32_t l = 0; l < L; l++)
@@ -584,7 +568,7 @@ Test(budgets, random_properties) {
     py.snap_window = rrange(&r, 1, 64);
     py.pyramid_beta = (float)rrange(&r, 1, 40) / 2.0f;
     if (py.pyramid_beta < 1.0f) py.pyramid_beta = 1.0f;
-    OK(NULL, pvl_policy_budgets(&py, L, m, NULL, k));
+    TU_OK(NULL, pvl_policy_budgets(&py, L, m, NULL, k));
     {
       const double w = py.snap_window, C = (double)alpha * m;
       double plo = C / py.pyramid_beta, phi = 2 * C - plo;
@@ -729,13 +713,13 @@ Test(select, random_properties) {
     uint32_t *keep = malloc((m + 1) * sizeof(uint32_t)), n = 0;
     if (p.kind == PVL_POLICY_FULL && k < m) {
       /* full keeps everything; a smaller budget is refused. */
-      IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_select(&p, m, k, sc, keep, &n));
+      TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_select(&p, m, k, sc, keep, &n));
       free(keep);
       free(sc);
       free(dsc);
       continue;
     }
-    OK(NULL, pvl_policy_select(&p, m, k, sc, keep, &n));
+    TU_OK(NULL, pvl_policy_select(&p, m, k, sc, keep, &n));
     char ctx[96];
     snprintf(ctx, sizeof(ctx), "seed %llu %s m %u k %u",
              (unsigned long long)seed, pvl_policy_name(p.kind), m, k);
@@ -779,14 +763,14 @@ typedef struct ccase {
 static void observe_for(pvl_cache *c, pvl_seq_id s, const pvl_policy *p,
                         const ccase *cc, rng *r) {
   uint32_t first, n, fb;
-  OK(c, pvl_policy_rows(p, c, s, &first, &n, &fb));
+  TU_OK(c, pvl_policy_rows(p, c, s, &first, &n, &fb));
   for (uint32_t l = 0; l < cc->L; l++) {
     if (!n) continue;
     float *q = rand_q(r, n, cc->hq, cc->d, 1.5f);
     /* Two chunks: observation accumulates. */
     uint32_t h = n / 2;
-    if (h) OK(c, pvl_observe(c, s, l, q, first, h, p->threshold, 0.0f, NULL));
-    OK(c, pvl_observe(c, s, l, q + (size_t)h * cc->hq * cc->d, first + h,
+    if (h) TU_OK(c, pvl_observe(c, s, l, q, first, h, p->threshold, 0.0f, NULL));
+    TU_OK(c, pvl_observe(c, s, l, q + (size_t)h * cc->hq * cc->d, first + h,
                       n - h, p->threshold, 0.0f, NULL));
     free(q);
   }
@@ -813,7 +797,7 @@ static void run_case(const ccase *cc) {
   hostkv h = hk_new(L, cc->hq, cc->hkv, cc->d, m + nd);
   hk_write(c, s, &h, &r, 0, m, 0, 1.5f);
   for (uint32_t t = 0; t < nd; t++) {
-    OK(c, pvl_seq_append(c, &s, 1, NULL));
+    TU_OK(c, pvl_seq_append(c, &s, 1, NULL));
     hk_write(c, s, &h, &r, m + t, 1, m + t, 1.5f);
   }
   pvl_policy p = pol(cc->kind);
@@ -840,7 +824,7 @@ static void run_case(const ccase *cc) {
     raw[l] = malloc((m + nd) * sizeof(float));
     seen[l] = malloc((m + nd) * sizeof(uint32_t));
     float gl;
-    OK(c, pvl_seq_observation(c, s, l, NULL, &gl, raw[l], seen[l], m + nd,
+    TU_OK(c, pvl_seq_observation(c, s, l, NULL, &gl, raw[l], seen[l], m + nd,
                               NULL, &nrows[l]));
     if (cc->kind == PVL_POLICY_VLCACHE) dens[l] = 1.0f - gl;
   }
@@ -862,7 +846,7 @@ static void run_case(const ccase *cc) {
   rep.budget = rb;
   rep.kept = rk;
   rep.density = rd;
-  OK(c, pvl_compress(c, s, &p, &rep, NULL));
+  TU_OK(c, pvl_compress(c, s, &p, &rep, NULL));
   CHECK_CACHE(c);
 
   /* Densities: 1 - gamma_l of the observation (VL-Cache), else 1; the
@@ -872,11 +856,11 @@ static void run_case(const ccase *cc) {
     cr_assert(fabs((double)rd[l] - dens[l]) <= 1e-6,
               "%s: report density[%u] = %.9g, expected %.9g", ctx, l,
               (double)rd[l], (double)dens[l]);
-  OK(NULL, pvl_policy_budgets(&p, L, m, rd, budget));
+  TU_OK(NULL, pvl_policy_budgets(&p, L, m, rd, budget));
 
   /* Report. */
   uint32_t wf, wn, wfb;
-  OK(c, pvl_policy_rows(&p, c, s, &wf, &wn, &wfb));
+  TU_OK(c, pvl_policy_rows(&p, c, s, &wf, &wn, &wfb));
   cr_assert_eq(rep.n_prompt, m, "%s", ctx);
   cr_assert(rep.window_first == wf && rep.window_rows == wn &&
                 rep.window_fallback == wfb,
@@ -930,7 +914,7 @@ static void run_case(const ccase *cc) {
   cr_assert_eq(rep.blocks_before, blocks_before, "%s", ctx);
   cr_assert_eq(rep.blocks_after, blocks_after, "%s", ctx);
   pvl_seq_info info;
-  OK(c, pvl_seq_get_info(c, s, &info));
+  TU_OK(c, pvl_seq_get_info(c, s, &info));
   cr_assert_eq(info.total_blocks, blocks_after, "%s", ctx);
   cr_assert_eq(info.total_tokens, kept_total + (uint64_t)L * nd, "%s", ctx);
   const uint32_t free_after = free_blocks(c);
@@ -943,11 +927,11 @@ static void run_case(const ccase *cc) {
   cr_assert_eq(rep.blocks_freed - fresh, free_after - free_before, "%s", ctx);
   /* The observation was consumed; a second compress is refused. */
   if (scored)
-    IS(PVL_ERR_BAD_STATE, pvl_seq_observation(c, s, 0, NULL, NULL, NULL, NULL,
+    TU_IS(PVL_ERR_BAD_STATE, pvl_seq_observation(c, s, 0, NULL, NULL, NULL, NULL,
                                               0, NULL, NULL));
-  IS(PVL_ERR_BAD_STATE, pvl_compress(c, s, &p, NULL, NULL));
+  TU_IS(PVL_ERR_BAD_STATE, pvl_compress(c, s, &p, NULL, NULL));
   /* Decode goes on after compression: the next position is m + nd. */
-  OK(c, pvl_seq_append(c, &s, 1, NULL));
+  TU_OK(c, pvl_seq_append(c, &s, 1, NULL));
   for (uint32_t l = 0; l < L; l++) {
     uint32_t n = get_positions(c, s, l, pos, m + nd + 1);
     cr_assert_eq(pos[n - 1], m + nd, "%s: layer %u: the token appended "
@@ -959,9 +943,9 @@ static void run_case(const ccase *cc) {
     uint32_t nt, nb;
     layer_size(c, fill[i], 0, &nt, &nb);
     cr_assert(nt >= 1 && nt <= 9);
-    OK(c, pvl_seq_free(c, fill[i]));
+    TU_OK(c, pvl_seq_free(c, fill[i]));
   }
-  OK(c, pvl_seq_free(c, s));
+  TU_OK(c, pvl_seq_free(c, s));
   cr_assert_eq(free_blocks(c), 4000, "%s: blocks leaked", ctx);
   CHECK_CACHE(c);
 
@@ -1028,10 +1012,10 @@ Test(compress, fork_sharing_blocks_stays_intact) {
     const uint32_t m = rrange(&r, 30, 90);
     pvl_cache *c = mk_cache(L, hq, hkv, d, bs, 600);
     pvl_seq_id s, f;
-    OK(c, pvl_seq_add(c, m, NULL, 0, &s));
+    TU_OK(c, pvl_seq_add(c, m, NULL, 0, &s));
     hostkv h = hk_new(L, hq, hkv, d, m + 1);
     hk_write(c, s, &h, &r, 0, m, 0, 1.5f);
-    OK(c, pvl_seq_fork(c, s, &f));
+    TU_OK(c, pvl_seq_fork(c, s, &f));
     pvl_policy p = pol(seed % 3 == 0 ? PVL_POLICY_STREAMING
                        : seed % 3 == 1 ? PVL_POLICY_H2O
                                        : PVL_POLICY_VLCACHE);
@@ -1044,7 +1028,7 @@ Test(compress, fork_sharing_blocks_stays_intact) {
     const uint32_t free_before = free_blocks(c);
     pvl_compress_report rep;
     memset(&rep, 0, sizeof(rep));
-    OK(c, pvl_compress(c, s, &p, &rep, NULL));
+    TU_OK(c, pvl_compress(c, s, &p, &rep, NULL));
     CHECK_CACHE(c);
     uint32_t *pos = malloc((m + 1) * sizeof(uint32_t));
     uint32_t fresh = 0;
@@ -1070,7 +1054,7 @@ Test(compress, fork_sharing_blocks_stays_intact) {
     }
     /* The fork can be compressed on its own. */
     observe_for(c, f, &p, &cc, &r);
-    OK(c, pvl_compress(c, f, &p, NULL, NULL));
+    TU_OK(c, pvl_compress(c, f, &p, NULL, NULL));
     CHECK_CACHE(c);
     for (uint32_t l = 0; l < L; l++) {
       uint32_t n = get_positions(c, f, l, pos, m);
@@ -1078,8 +1062,8 @@ Test(compress, fork_sharing_blocks_stays_intact) {
       n = get_positions(c, s, l, pos, m);
       check_data(c, s, &h, l, pos, n, "parent after fork compressed");
     }
-    OK(c, pvl_seq_free(c, s));
-    OK(c, pvl_seq_free(c, f));
+    TU_OK(c, pvl_seq_free(c, s));
+    TU_OK(c, pvl_seq_free(c, f));
     cr_assert_eq(free_blocks(c), 600);
     free(pos);
     hk_free(&h);
@@ -1095,15 +1079,15 @@ Test(compress, append_after_prefix_selection_gets_next_position) {
    * positions). */
   pvl_cache *c = mk_cache(1, 1, 1, 2, 4, 16);
   pvl_seq_id s;
-  OK(c, pvl_seq_add(c, 8, NULL, 0, &s));
+  TU_OK(c, pvl_seq_add(c, 8, NULL, 0, &s));
   float kv[9][2] = {{0}};
-  OK(c, pvl_kv_write(c, s, 0, 0, 8, kv, kv, NULL));
+  TU_OK(c, pvl_kv_write(c, s, 0, 0, 8, kv, kv, NULL));
   pvl_policy p = pol(PVL_POLICY_STREAMING);
   p.keep_ratio = 0.5f;
-  OK(c, pvl_compress(c, s, &p, NULL, NULL));
-  OK(c, pvl_seq_append(c, &s, 1, NULL));
+  TU_OK(c, pvl_compress(c, s, &p, NULL, NULL));
+  TU_OK(c, pvl_seq_append(c, &s, 1, NULL));
   pvl_seq_info info;
-  OK(c, pvl_seq_get_info(c, s, &info));
+  TU_OK(c, pvl_seq_get_info(c, s, &info));
   cr_assert_eq(info.position, 9);
   uint32_t pos[8], n = get_positions(c, s, 0, pos, 8);
   cr_assert_eq(n, 5);
@@ -1113,9 +1097,9 @@ Test(compress, append_after_prefix_selection_gets_next_position) {
                "%u, expected 8 (prompt 8 + first decode token)",
                pos[4]);
   const float q[2] = {0, 0};
-  OK(c, pvl_observe(c, s, 0, q, 5, 1, 0.01f, 1.0f, NULL));
+  TU_OK(c, pvl_observe(c, s, 0, q, 5, 1, 0.01f, 1.0f, NULL));
   uint32_t seen[5];
-  OK(c, pvl_seq_observation(c, s, 0, NULL, NULL, NULL, seen, 5, NULL, NULL));
+  TU_OK(c, pvl_seq_observation(c, s, 0, NULL, NULL, NULL, seen, 5, NULL, NULL));
   cr_assert_eq(seen[4], 0, "a row at position 5 saw the decode token at "
                "position 8");
   pvl_cache_destroy(c);
@@ -1128,14 +1112,14 @@ Test(compress, report_blocks_freed_with_shared_blocks) {
    * the free list: blocks_freed = 0 (the free count fell by 4). */
   pvl_cache *c = mk_cache(1, 1, 1, 2, 4, 20);
   pvl_seq_id s, f;
-  OK(c, pvl_seq_add(c, 40, NULL, 0, &s));
-  OK(c, pvl_seq_fork(c, s, &f));
+  TU_OK(c, pvl_seq_add(c, 40, NULL, 0, &s));
+  TU_OK(c, pvl_seq_fork(c, s, &f));
   const uint32_t free_before = free_blocks(c);
   pvl_policy p = pol(PVL_POLICY_STREAMING);
   p.keep_ratio = 0.5f;
   pvl_compress_report rep;
   memset(&rep, 0, sizeof(rep));
-  OK(c, pvl_compress(c, s, &p, &rep, NULL));
+  TU_OK(c, pvl_compress(c, s, &p, &rep, NULL));
   cr_assert_eq(free_blocks(c), free_before - 4);
   cr_assert_eq(rep.blocks_before, 10);
   cr_assert_eq(rep.blocks_after, 5);
@@ -1145,7 +1129,7 @@ Test(compress, report_blocks_freed_with_shared_blocks) {
                rep.blocks_freed, free_before, free_blocks(c));
   /* The fork can still be compressed; its blocks are its own now except
    * block 0, which both keep in place: 9 return, 4 fresh are taken. */
-  OK(c, pvl_compress(c, f, &p, &rep, NULL));
+  TU_OK(c, pvl_compress(c, f, &p, &rep, NULL));
   cr_assert_eq(rep.blocks_freed, 9, "fork: blocks_freed %u", rep.blocks_freed);
   cr_assert_eq(free_blocks(c), free_before - 4 + 9 - 4);
   CHECK_CACHE(c);
@@ -1171,11 +1155,11 @@ static void snap_take(const pvl_cache *c, pvl_seq_id s, uint32_t L, size_t row,
   for (uint32_t l = 0; l < L; l++) {
     uint32_t n;
     layer_size(c, s, l, &o->nt[l], &o->nb[l]);
-    OK(c, pvl_seq_blocks(c, s, l, o->ids[l], 64, &n));
+    TU_OK(c, pvl_seq_blocks(c, s, l, o->ids[l], 64, &n));
     get_positions(c, s, l, o->pos[l], 256);
     o->k[l] = malloc((o->nt[l] + 1) * row * sizeof(float));
     o->v[l] = malloc((o->nt[l] + 1) * row * sizeof(float));
-    OK(c, pvl_kv_read(c, s, l, 0, o->nt[l], o->k[l], o->v[l], NULL));
+    TU_OK(c, pvl_kv_read(c, s, l, 0, o->nt[l], o->k[l], o->v[l], NULL));
   }
 }
 
@@ -1229,10 +1213,10 @@ Test(compress, out_of_blocks_changes_nothing) {
     pvl_cache *c = mk_cache(L, 2, 1, 4, bs, 2 * 10 + L * filler_blocks);
     rng r = rseed(9 + (uint64_t)i);
     pvl_seq_id s, fl;
-    OK(c, pvl_seq_add(c, m, NULL, 0, &s));
+    TU_OK(c, pvl_seq_add(c, m, NULL, 0, &s));
     hostkv h = hk_new(L, 2, 1, 4, m);
     hk_write(c, s, &h, &r, 0, m, 0, 1.5f);
-    OK(c, pvl_seq_add(c, filler_blocks * bs, NULL, 0, &fl));
+    TU_OK(c, pvl_seq_add(c, filler_blocks * bs, NULL, 0, &fl));
     cr_assert_eq(free_blocks(c), 0);
     pvl_policy p = pol(kinds[i]);
     p.keep_ratio = 0.5f;
@@ -1241,24 +1225,24 @@ Test(compress, out_of_blocks_changes_nothing) {
     observe_for(c, s, &p, &cc, &r);
     float raw_before[40] = {0};
     if (kinds[i] == PVL_POLICY_H2O)
-      OK(c, pvl_seq_observation(c, s, 1, NULL, NULL, raw_before, NULL, 40,
+      TU_OK(c, pvl_seq_observation(c, s, 1, NULL, NULL, raw_before, NULL, 40,
                                 NULL, NULL));
     snap a;
     snap_take(c, s, L, 4, &a);
     pvl_compress_report rep;
     memset(&rep, 0, sizeof(rep));
-    IS(PVL_ERR_OUT_OF_BLOCKS, pvl_compress(c, s, &p, &rep, NULL));
+    TU_IS(PVL_ERR_OUT_OF_BLOCKS, pvl_compress(c, s, &p, &rep, NULL));
     snap_same(c, s, &a, true, pvl_policy_name(kinds[i]));
     snap_free(&a);
     /* Still observed (h2o), still compressible once blocks are free. */
     if (kinds[i] == PVL_POLICY_H2O) {
       float raw_after[40];
-      OK(c, pvl_seq_observation(c, s, 1, NULL, NULL, raw_after, NULL, 40,
+      TU_OK(c, pvl_seq_observation(c, s, 1, NULL, NULL, raw_after, NULL, 40,
                                 NULL, NULL));
       cr_assert(memcmp(raw_before, raw_after, sizeof(raw_after)) == 0);
     }
-    OK(c, pvl_seq_free(c, fl));
-    OK(c, pvl_compress(c, s, &p, &rep, NULL));
+    TU_OK(c, pvl_seq_free(c, fl));
+    TU_OK(c, pvl_compress(c, s, &p, &rep, NULL));
     uint32_t nt, nb, pos[40];
     for (uint32_t l = 0; l < L; l++) {
       layer_size(c, s, l, &nt, &nb);
@@ -1282,10 +1266,10 @@ Test(compress, out_of_blocks_at_a_later_layer_changes_nothing) {
     pvl_cache *c = mk_cache(L, 1, 1, 4, bs, L * 10 + extra);
     rng r = rseed(extra);
     pvl_seq_id s, f;
-    OK(c, pvl_seq_add(c, m, NULL, 0, &s));
+    TU_OK(c, pvl_seq_add(c, m, NULL, 0, &s));
     hostkv h = hk_new(L, 1, 1, 4, m);
     hk_write(c, s, &h, &r, 0, m, 0, 1.0f);
-    OK(c, pvl_seq_fork(c, s, &f));
+    TU_OK(c, pvl_seq_fork(c, s, &f));
     cr_assert_eq(free_blocks(c), extra);
     pvl_policy p = pol(PVL_POLICY_STREAMING);
     p.keep_ratio = 0.5f;
@@ -1293,11 +1277,11 @@ Test(compress, out_of_blocks_at_a_later_layer_changes_nothing) {
     snap_take(c, s, L, 4, &a);
     snap_take(c, f, L, 4, &af);
     if (extra == 11) {
-      IS(PVL_ERR_OUT_OF_BLOCKS, pvl_compress(c, s, &p, NULL, NULL));
+      TU_IS(PVL_ERR_OUT_OF_BLOCKS, pvl_compress(c, s, &p, NULL, NULL));
       snap_same(c, s, &a, true, "parent");
       snap_same(c, f, &af, true, "fork");
     } else {
-      OK(c, pvl_compress(c, s, &p, NULL, NULL));
+      TU_OK(c, pvl_compress(c, s, &p, NULL, NULL));
       cr_assert_eq(free_blocks(c), 0);
       snap_same(c, f, &af, false, "fork");
       uint32_t pos[40];
@@ -1321,7 +1305,7 @@ Test(compress, bad_states) {
   rng r = rseed(4242);
   const pvl_span vis = {2, 16};
   pvl_seq_id s;
-  OK(c, pvl_seq_add(c, m, &vis, 1, &s));
+  TU_OK(c, pvl_seq_add(c, m, &vis, 1, &s));
   hostkv h = hk_new(L, 2, 1, 4, m + 2);
   hk_write(c, s, &h, &r, 0, m, 0, 1.5f);
   ccase cc = {.L = L, .hq = 2, .hkv = 1, .d = 4, .bs = bs, .m = m};
@@ -1333,50 +1317,50 @@ Test(compress, bad_states) {
   /* Not observed. */
   for (int i = 0; i < 4; i++) {
     pvl_policy p = pol(scored[i]);
-    IS(PVL_ERR_BAD_STATE, pvl_compress(c, s, &p, NULL, NULL));
+    TU_IS(PVL_ERR_BAD_STATE, pvl_compress(c, s, &p, NULL, NULL));
   }
   snap_same(c, s, &a, true, "not observed");
   /* Observed with zero rows: still nothing observed. */
-  OK(c, pvl_observe(c, s, 0, NULL, 20, 0, 0.01f, 0.0f, NULL));
-  OK(c, pvl_observe(c, s, 1, NULL, 20, 0, 0.01f, 0.0f, NULL));
+  TU_OK(c, pvl_observe(c, s, 0, NULL, 20, 0, 0.01f, 0.0f, NULL));
+  TU_OK(c, pvl_observe(c, s, 1, NULL, 20, 0, 0.01f, 0.0f, NULL));
   pvl_policy v = pol(PVL_POLICY_VLCACHE);
-  IS(PVL_ERR_BAD_STATE, pvl_compress(c, s, &v, NULL, NULL));
+  TU_IS(PVL_ERR_BAD_STATE, pvl_compress(c, s, &v, NULL, NULL));
   /* Only layer 0 observed. */
   float *q = rand_q(&r, 8, 2, 4, 1.0f);
-  OK(c, pvl_observe(c, s, 0, q, 16, 8, 0.01f, 0.0f, NULL));
-  IS(PVL_ERR_BAD_STATE, pvl_compress(c, s, &v, NULL, NULL));
+  TU_OK(c, pvl_observe(c, s, 0, q, 16, 8, 0.01f, 0.0f, NULL));
+  TU_IS(PVL_ERR_BAD_STATE, pvl_compress(c, s, &v, NULL, NULL));
   snap_same(c, s, &a, true, "one layer observed");
   snap_free(&a);
   /* Observed, then appended: the observation no longer matches. */
   observe_for(c, s, &v, &cc, &r);
-  OK(c, pvl_seq_append(c, &s, 1, NULL));
+  TU_OK(c, pvl_seq_append(c, &s, 1, NULL));
   hk_write(c, s, &h, &r, m, 1, m, 1.5f);
   snap_take(c, s, L, 4, &a);
-  IS(PVL_ERR_BAD_STATE, pvl_compress(c, s, &v, NULL, NULL));
+  TU_IS(PVL_ERR_BAD_STATE, pvl_compress(c, s, &v, NULL, NULL));
   snap_same(c, s, &a, true, "observed then appended");
   snap_free(&a);
   /* Observed again (over the 25 keys): fine. */
   observe_for(c, s, &v, &cc, &r);
-  OK(c, pvl_compress(c, s, &v, NULL, NULL));
+  TU_OK(c, pvl_compress(c, s, &v, NULL, NULL));
   /* Already compressed: refused, by any policy. */
   snap_take(c, s, L, 4, &a);
   pvl_policy st = pol(PVL_POLICY_STREAMING);
-  IS(PVL_ERR_BAD_STATE, pvl_compress(c, s, &st, NULL, NULL));
+  TU_IS(PVL_ERR_BAD_STATE, pvl_compress(c, s, &st, NULL, NULL));
   pvl_policy fu = pol(PVL_POLICY_FULL);
-  IS(PVL_ERR_BAD_STATE, pvl_compress(c, s, &fu, NULL, NULL));
+  TU_IS(PVL_ERR_BAD_STATE, pvl_compress(c, s, &fu, NULL, NULL));
   snap_same(c, s, &a, true, "already compressed");
   snap_free(&a);
   /* A layer retained by hand: its slots are no longer prompt positions. */
   pvl_seq_id s2;
-  OK(c, pvl_seq_add(c, m, NULL, 0, &s2));
+  TU_OK(c, pvl_seq_add(c, m, NULL, 0, &s2));
   const uint32_t keep[3] = {0, 5, 9};
-  OK(c, pvl_seq_retain(c, s2, 1, keep, 3, NULL));
-  IS(PVL_ERR_BAD_STATE, pvl_compress(c, s2, &st, NULL, NULL));
+  TU_OK(c, pvl_seq_retain(c, s2, 1, keep, 3, NULL));
+  TU_IS(PVL_ERR_BAD_STATE, pvl_compress(c, s2, &st, NULL, NULL));
   /* Unknown sequence. */
-  IS(PVL_ERR_UNKNOWN_SEQUENCE, pvl_compress(c, s2 + 77777, &st, NULL, NULL));
-  OK(c, pvl_seq_free(c, s2));
-  IS(PVL_ERR_UNKNOWN_SEQUENCE, pvl_compress(c, s2, &st, NULL, NULL));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_compress(NULL, s, &st, NULL, NULL));
+  TU_IS(PVL_ERR_UNKNOWN_SEQUENCE, pvl_compress(c, s2 + 77777, &st, NULL, NULL));
+  TU_OK(c, pvl_seq_free(c, s2));
+  TU_IS(PVL_ERR_UNKNOWN_SEQUENCE, pvl_compress(c, s2, &st, NULL, NULL));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_compress(NULL, s, &st, NULL, NULL));
   CHECK_CACHE(c);
   free(q);
   hk_free(&h);
@@ -1395,11 +1379,11 @@ Test(decode_cap, recompresses_past_the_cap) {
     pvl_cache *c = mk_cache(L, hq, hkv, d, bs, 300);
     rng r = rseed(31 + (uint64_t)i);
     pvl_seq_id s;
-    OK(c, pvl_seq_add(c, m, NULL, 0, &s));
+    TU_OK(c, pvl_seq_add(c, m, NULL, 0, &s));
     hostkv h = hk_new(L, hq, hkv, d, m + nd);
     hk_write(c, s, &h, &r, 0, m, 0, 1.5f);
     for (uint32_t t = 0; t < nd; t++) {
-      OK(c, pvl_seq_append(c, &s, 1, NULL));
+      TU_OK(c, pvl_seq_append(c, &s, 1, NULL));
       hk_write(c, s, &h, &r, m + t, 1, m + t, 1.5f);
     }
     pvl_policy p = pol(kinds[i]);
@@ -1409,7 +1393,7 @@ Test(decode_cap, recompresses_past_the_cap) {
     uint32_t did = 7;
     if (scored) {
       /* No observation of the decode queries yet. */
-      IS(PVL_ERR_BAD_STATE, pvl_decode_cap(c, s, 0, &p, &did, NULL));
+      TU_IS(PVL_ERR_BAD_STATE, pvl_decode_cap(c, s, 0, &p, &did, NULL));
       cr_assert_eq(did, 7);
     }
     /* Observe the recent decode queries (positions 20..27). */
@@ -1417,12 +1401,12 @@ Test(decode_cap, recompresses_past_the_cap) {
     float raw[28];
     uint32_t seen[28], nr = 0;
     if (scored) {
-      OK(c, pvl_observe(c, s, 0, q, m, nd, 0.01f, 0.0f, NULL));
-      OK(c, pvl_seq_observation(c, s, 0, NULL, NULL, raw, seen, 28, NULL,
+      TU_OK(c, pvl_observe(c, s, 0, q, m, nd, 0.01f, 0.0f, NULL));
+      TU_OK(c, pvl_seq_observation(c, s, 0, NULL, NULL, raw, seen, 28, NULL,
                                 &nr));
     }
     const uint32_t free_before = free_blocks(c);
-    OK(c, pvl_decode_cap(c, s, 0, &p, &did, NULL));
+    TU_OK(c, pvl_decode_cap(c, s, 0, &p, &did, NULL));
     cr_assert_eq(did, 1);
     uint32_t nt, nb, pos[28];
     layer_size(c, s, 0, &nt, &nb);
@@ -1444,21 +1428,21 @@ Test(decode_cap, recompresses_past_the_cap) {
     layer_size(c, s, 1, &nt, &nb);
     cr_assert_eq(nt, 28);
     if (scored) {
-      IS(PVL_ERR_BAD_STATE, pvl_decode_cap(c, s, 1, &p, &did, NULL));
-      OK(c, pvl_observe(c, s, 1, q, m, nd, 0.01f, 0.0f, NULL));
+      TU_IS(PVL_ERR_BAD_STATE, pvl_decode_cap(c, s, 1, &p, &did, NULL));
+      TU_OK(c, pvl_observe(c, s, 1, q, m, nd, 0.01f, 0.0f, NULL));
     }
-    OK(c, pvl_decode_cap(c, s, 1, &p, &did, NULL));
+    TU_OK(c, pvl_decode_cap(c, s, 1, &p, &did, NULL));
     cr_assert_eq(did, 1);
     layer_size(c, s, 1, &nt, &nb);
     cr_assert_eq(nt, 20);
     /* Within the cap now: nothing to do (did = 0), even unobserved. */
-    OK(c, pvl_decode_cap(c, s, 0, &p, &did, NULL));
+    TU_OK(c, pvl_decode_cap(c, s, 0, &p, &did, NULL));
     cr_assert_eq(did, 0);
     /* Exactly at the cap: nothing either. */
-    for (int t = 0; t < 4; t++) OK(c, pvl_seq_append(c, &s, 1, NULL));
+    for (int t = 0; t < 4; t++) TU_OK(c, pvl_seq_append(c, &s, 1, NULL));
     layer_size(c, s, 0, &nt, &nb);
     cr_assert_eq(nt, 24);
-    OK(c, pvl_decode_cap(c, s, 0, &p, &did, NULL));
+    TU_OK(c, pvl_decode_cap(c, s, 0, &p, &did, NULL));
     cr_assert_eq(did, 0);
     layer_size(c, s, 0, &nt, &nb);
     cr_assert_eq(nt, 24);
@@ -1478,19 +1462,19 @@ Test(decode_cap, after_compression_keeps_positions_ascending) {
   pvl_cache *c = mk_cache(L, 1, 1, 4, bs, 200);
   rng r = rseed(8);
   pvl_seq_id s;
-  OK(c, pvl_seq_add(c, m, NULL, 0, &s));
+  TU_OK(c, pvl_seq_add(c, m, NULL, 0, &s));
   hostkv h = hk_new(L, 1, 1, 4, m + nd);
   hk_write(c, s, &h, &r, 0, m, 0, 1.5f);
   pvl_policy p = pol(PVL_POLICY_STREAMING);
   p.keep_ratio = 0.25f;
-  OK(c, pvl_compress(c, s, &p, NULL, NULL));
+  TU_OK(c, pvl_compress(c, s, &p, NULL, NULL));
   for (uint32_t t = 0; t < nd; t++) {
-    OK(c, pvl_seq_append(c, &s, 1, NULL));
+    TU_OK(c, pvl_seq_append(c, &s, 1, NULL));
     hk_write(c, s, &h, &r, m + t, 1, 10 + t, 1.5f);
   }
   p.decode_cap = 16;
   uint32_t did = 0, pos[32];
-  OK(c, pvl_decode_cap(c, s, 0, &p, &did, NULL));
+  TU_OK(c, pvl_decode_cap(c, s, 0, &p, &did, NULL));
   cr_assert_eq(did, 1);
   uint32_t n = get_positions(c, s, 0, pos, 32);
   cr_assert_eq(n, 14);
@@ -1506,13 +1490,13 @@ Test(decode_cap, after_compression_keeps_positions_ascending) {
   pvl_policy hp = pol(PVL_POLICY_H2O);
   hp.decode_cap = 16;
   float *q = rand_q(&r, nd, 1, 4, 1.5f);
-  OK(c, pvl_observe(c, s, 1, q, m, nd, 0.01f, 0.0f, NULL));
+  TU_OK(c, pvl_observe(c, s, 1, q, m, nd, 0.01f, 0.0f, NULL));
   float raw[25];
   uint32_t seen[25], nr;
-  OK(c, pvl_seq_observation(c, s, 1, NULL, NULL, raw, seen, 25, NULL, &nr));
+  TU_OK(c, pvl_seq_observation(c, s, 1, NULL, NULL, raw, seen, 25, NULL, &nr));
   uint32_t before[25];
   cr_assert_eq(get_positions(c, s, 1, before, 25), 25);
-  OK(c, pvl_decode_cap(c, s, 1, &hp, &did, NULL));
+  TU_OK(c, pvl_decode_cap(c, s, 1, &hp, &did, NULL));
   cr_assert_eq(did, 1);
   n = get_positions(c, s, 1, pos, 32);
   cr_assert_eq(n, 14);
@@ -1530,12 +1514,12 @@ Test(decode_cap, after_compression_keeps_positions_ascending) {
   check_data(c, s, &h, 1, pos, n, "h2o cap");
   /* Invalid: no cap, or the full policy. */
   hp.decode_cap = 0;
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_decode_cap(c, s, 1, &hp, &did, NULL));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_decode_cap(c, s, 1, &hp, &did, NULL));
   pvl_policy fu = pol(PVL_POLICY_FULL);
   fu.decode_cap = 4;
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_decode_cap(c, s, 1, &fu, &did, NULL));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_decode_cap(c, s, 1, &p, NULL, NULL));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_decode_cap(c, s, 2, &p, &did, NULL));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_decode_cap(c, s, 1, &fu, &did, NULL));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_decode_cap(c, s, 1, &p, NULL, NULL));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_decode_cap(c, s, 2, &p, &did, NULL));
   CHECK_CACHE(c);
   free(q);
   hk_free(&h);

@@ -13,22 +13,6 @@
 #include "pagedvl.h"
 #include "testutil.h"
 
-#define OK(c, call)                                                          \
-  do {                                                                       \
-    pvl_status ok_st_ = (call);                                              \
-    cr_assert_eq(ok_st_, PVL_SUCCESS, "%s:%d: %s -> %s (%s | %s)", __FILE__, \
-                 __LINE__, #call, pvl_status_string(ok_st_),                 \
-                 pvl_cache_last_error(c), pvl_create_last_error());          \
-  } while (0)
-
-#define IS(expected, call)                                                   \
-  do {                                                                       \
-    pvl_status is_st_ = (call);                                              \
-    cr_assert_eq(is_st_, (expected), "%s:%d: %s -> %s, expected %s",         \
-                 __FILE__, __LINE__, #call, pvl_status_string(is_st_),       \
-                 pvl_status_string(expected));                               \
-  } while (0)
-
 #define NEAR(actual, expected, tol)                                          \
   do {                                                                       \
     double near_a_ = (actual), near_e_ = (expected);                         \
@@ -87,8 +71,8 @@ static const float k_hand_V[5][2] = {{1, 2}, {3, 4}, {5, 6}, {7, 8}, {9, 10}};
 
 static pvl_cache *hand_cache(pvl_seq_id *s) {
   pvl_cache *c = mk_cache(1, 2, 1, 2, 2, 8);
-  OK(c, pvl_seq_add(c, 5, NULL, 0, s));
-  OK(c, pvl_kv_write(c, *s, 0, 0, 5, k_hand_K, k_hand_V, NULL));
+  TU_OK(c, pvl_seq_add(c, 5, NULL, 0, s));
+  TU_OK(c, pvl_kv_write(c, *s, 0, 0, 5, k_hand_K, k_hand_V, NULL));
   return c;
 }
 
@@ -101,7 +85,7 @@ static void hand_queries(float q[2][2][2]) {
 static void check_hand_observation(pvl_cache *c, pvl_seq_id s) {
   float gamma[2], gl, raw[5];
   uint32_t seen[5], n_keys, n_rows;
-  OK(c, pvl_seq_observation(c, s, 0, gamma, &gl, raw, seen, 5, &n_keys,
+  TU_OK(c, pvl_seq_observation(c, s, 0, gamma, &gl, raw, seen, 5, &n_keys,
                             &n_rows));
   cr_assert_eq(n_keys, 5);
   cr_assert_eq(n_rows, 2);
@@ -124,7 +108,7 @@ Test(observe, eq1_eq2_hand_computed) {
   pvl_cache *c = hand_cache(&s);
   float q[2][2][2];
   hand_queries(q);
-  OK(c, pvl_observe(c, s, 0, q, 3, 2, 0.3f, 1.0f, NULL));
+  TU_OK(c, pvl_observe(c, s, 0, q, 3, 2, 0.3f, 1.0f, NULL));
   check_hand_observation(c, s);
   pvl_cache_destroy(c);
 }
@@ -135,12 +119,12 @@ Test(observe, chunks_of_rows_accumulate) {
   pvl_cache *c = hand_cache(&s);
   float q[2][2][2];
   hand_queries(q);
-  OK(c, pvl_observe(c, s, 0, q[0], 3, 1, 0.3f, 1.0f, NULL));
+  TU_OK(c, pvl_observe(c, s, 0, q[0], 3, 1, 0.3f, 1.0f, NULL));
   uint32_t n_rows = 0;
-  OK(c, pvl_seq_observation(c, s, 0, NULL, NULL, NULL, NULL, 0, NULL,
+  TU_OK(c, pvl_seq_observation(c, s, 0, NULL, NULL, NULL, NULL, 0, NULL,
                             &n_rows));
   cr_assert_eq(n_rows, 1);
-  OK(c, pvl_observe(c, s, 0, q[1], 4, 1, 0.3f, 1.0f, NULL));
+  TU_OK(c, pvl_observe(c, s, 0, q[1], 4, 1, 0.3f, 1.0f, NULL));
   check_hand_observation(c, s);
   pvl_cache_destroy(c);
 }
@@ -158,10 +142,10 @@ Test(observe, default_threshold_and_default_scale) {
     pvl_cache *c = hand_cache(&s);
     const float f = variant ? sqrtf(2.0f) : 1.0f;
     const float q[2][2] = {{6.0f * f, 0}, {4.0f * f, 0}};
-    OK(c, pvl_observe(c, s, 0, q, 3, 1, 0.01f, variant ? 0.0f : 1.0f, NULL));
+    TU_OK(c, pvl_observe(c, s, 0, q, 3, 1, 0.01f, variant ? 0.0f : 1.0f, NULL));
     float gamma[2], gl, raw[5];
     uint32_t seen[5];
-    OK(c, pvl_seq_observation(c, s, 0, gamma, &gl, raw, seen, 5, NULL, NULL));
+    TU_OK(c, pvl_seq_observation(c, s, 0, gamma, &gl, raw, seen, 5, NULL, NULL));
     const double e6 = exp(6.0), e4 = exp(4.0);
     const double want[5] = {1 / (2 + 2 * e6) + 1 / (2 + 2 * e4),
                             e6 / (2 + 2 * e6) + e4 / (2 + 2 * e4),
@@ -186,9 +170,9 @@ Test(observe, entry_exactly_at_threshold_counts_as_kept) {
   pvl_cache *c = hand_cache(&s);
   const float x = -logf(0.5f);
   const float q[2][2] = {{x, 0}, {x, 0}};
-  OK(c, pvl_observe(c, s, 0, q, 1, 1, 0.5f, 1.0f, NULL));
+  TU_OK(c, pvl_observe(c, s, 0, q, 1, 1, 0.5f, 1.0f, NULL));
   float gamma[2], gl;
-  OK(c, pvl_seq_observation(c, s, 0, gamma, &gl, NULL, NULL, 0, NULL, NULL));
+  TU_OK(c, pvl_seq_observation(c, s, 0, gamma, &gl, NULL, NULL, 0, NULL, NULL));
   cr_assert_eq(gamma[0], 0.0f, "an entry at exactly p * max was counted below");
   cr_assert_eq(gamma[1], 0.0f);
   cr_assert_eq(gl, 0.0f);
@@ -197,8 +181,8 @@ Test(observe, entry_exactly_at_threshold_counts_as_kept) {
   c = hand_cache(&s);
   const float y = x * 1.001f;
   const float q2[2][2] = {{y, 0}, {x, 0}};
-  OK(c, pvl_observe(c, s, 0, q2, 1, 1, 0.5f, 1.0f, NULL));
-  OK(c, pvl_seq_observation(c, s, 0, gamma, &gl, NULL, NULL, 0, NULL, NULL));
+  TU_OK(c, pvl_observe(c, s, 0, q2, 1, 1, 0.5f, 1.0f, NULL));
+  TU_OK(c, pvl_seq_observation(c, s, 0, gamma, &gl, NULL, NULL, 0, NULL, NULL));
   NEAR(gamma[0], 0.5, 1e-7); /* 1 of 2 entries below */
   NEAR(gamma[1], 0.0, 1e-7);
   NEAR(gl, 0.25, 1e-7);
@@ -214,17 +198,17 @@ Test(observe, causal_rule_uses_logical_positions_after_retain) {
    * raw = 4/3, 4/3, 1/3; seen = 3, 3, 1. */
   pvl_cache *c = mk_cache(1, 1, 1, 2, 2, 8);
   pvl_seq_id s;
-  OK(c, pvl_seq_add(c, 6, NULL, 0, &s));
+  TU_OK(c, pvl_seq_add(c, 6, NULL, 0, &s));
   float kv[6][2];
   for (int i = 0; i < 6; i++) kv[i][0] = kv[i][1] = (float)i;
-  OK(c, pvl_kv_write(c, s, 0, 0, 6, kv, kv, NULL));
+  TU_OK(c, pvl_kv_write(c, s, 0, 0, 6, kv, kv, NULL));
   const uint32_t keep[3] = {0, 2, 5};
-  OK(c, pvl_seq_retain(c, s, 0, keep, 3, NULL));
+  TU_OK(c, pvl_seq_retain(c, s, 0, keep, 3, NULL));
   const float q[3][2] = {{0, 0}, {0, 0}, {0, 0}};
-  OK(c, pvl_observe(c, s, 0, q, 3, 3, 0.01f, 1.0f, NULL));
+  TU_OK(c, pvl_observe(c, s, 0, q, 3, 3, 0.01f, 1.0f, NULL));
   float raw[3];
   uint32_t seen[3], n_keys, n_rows;
-  OK(c, pvl_seq_observation(c, s, 0, NULL, NULL, raw, seen, 3, &n_keys,
+  TU_OK(c, pvl_seq_observation(c, s, 0, NULL, NULL, raw, seen, 3, &n_keys,
                             &n_rows));
   cr_assert_eq(n_keys, 3);
   cr_assert_eq(n_rows, 3);
@@ -241,21 +225,21 @@ Test(observe, observation_is_dropped_when_the_layer_changes) {
   pvl_cache *c = hand_cache(&s);
   float q[2][2][2];
   hand_queries(q);
-  IS(PVL_ERR_BAD_STATE, pvl_seq_observation(c, s, 0, NULL, NULL, NULL, NULL,
+  TU_IS(PVL_ERR_BAD_STATE, pvl_seq_observation(c, s, 0, NULL, NULL, NULL, NULL,
                                             0, NULL, NULL));
-  OK(c, pvl_observe(c, s, 0, q, 3, 2, 0.3f, 1.0f, NULL));
-  OK(c, pvl_seq_append(c, &s, 1, NULL));
-  IS(PVL_ERR_BAD_STATE, pvl_seq_observation(c, s, 0, NULL, NULL, NULL, NULL,
+  TU_OK(c, pvl_observe(c, s, 0, q, 3, 2, 0.3f, 1.0f, NULL));
+  TU_OK(c, pvl_seq_append(c, &s, 1, NULL));
+  TU_IS(PVL_ERR_BAD_STATE, pvl_seq_observation(c, s, 0, NULL, NULL, NULL, NULL,
                                             0, NULL, NULL));
   /* Observed again (6 keys now), then retained: dropped again. */
-  OK(c, pvl_observe(c, s, 0, q, 3, 2, 0.3f, 1.0f, NULL));
+  TU_OK(c, pvl_observe(c, s, 0, q, 3, 2, 0.3f, 1.0f, NULL));
   uint32_t n_keys = 0;
-  OK(c, pvl_seq_observation(c, s, 0, NULL, NULL, NULL, NULL, 0, &n_keys,
+  TU_OK(c, pvl_seq_observation(c, s, 0, NULL, NULL, NULL, NULL, 0, &n_keys,
                             NULL));
   cr_assert_eq(n_keys, 6);
   const uint32_t keep[2] = {1, 3};
-  OK(c, pvl_seq_retain(c, s, 0, keep, 2, NULL));
-  IS(PVL_ERR_BAD_STATE, pvl_seq_observation(c, s, 0, NULL, NULL, NULL, NULL,
+  TU_OK(c, pvl_seq_retain(c, s, 0, keep, 2, NULL));
+  TU_IS(PVL_ERR_BAD_STATE, pvl_seq_observation(c, s, 0, NULL, NULL, NULL, NULL,
                                             0, NULL, NULL));
   pvl_cache_destroy(c);
 }
@@ -265,26 +249,26 @@ Test(observe, bad_arguments) {
   pvl_cache *c = hand_cache(&s);
   float q[2][2][2];
   hand_queries(q);
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_observe(NULL, s, 0, q, 3, 2, 0.3f, 0, NULL));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_observe(c, s, 1, q, 3, 2, 0.3f, 0, NULL));
-  IS(PVL_ERR_UNKNOWN_SEQUENCE,
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_observe(NULL, s, 0, q, 3, 2, 0.3f, 0, NULL));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_observe(c, s, 1, q, 3, 2, 0.3f, 0, NULL));
+  TU_IS(PVL_ERR_UNKNOWN_SEQUENCE,
      pvl_observe(c, s + 12345, 0, q, 3, 2, 0.3f, 0, NULL));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_observe(c, s, 0, NULL, 3, 2, 0.3f, 0, NULL));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_observe(c, s, 0, q, 3, 2, 0.0f, 0, NULL));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_observe(c, s, 0, q, 3, 2, 1.0f, 0, NULL));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_observe(c, s, 0, q, 3, 2, NAN, 0, NULL));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_observe(c, s, 0, q, 3, 2, 0.3f, -1, NULL));
-  IS(PVL_ERR_INVALID_ARGUMENT,
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_observe(c, s, 0, NULL, 3, 2, 0.3f, 0, NULL));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_observe(c, s, 0, q, 3, 2, 0.0f, 0, NULL));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_observe(c, s, 0, q, 3, 2, 1.0f, 0, NULL));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_observe(c, s, 0, q, 3, 2, NAN, 0, NULL));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_observe(c, s, 0, q, 3, 2, 0.3f, -1, NULL));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT,
      pvl_observe(c, s, 0, q, 3, 2, 0.3f, INFINITY, NULL));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_observe(c, s, 0, q, 3, 2, 0.3f, NAN, NULL));
-  IS(PVL_ERR_INVALID_ARGUMENT,
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_observe(c, s, 0, q, 3, 2, 0.3f, NAN, NULL));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT,
      pvl_observe(c, s, 0, q, UINT32_MAX, 2, 0.3f, 0, NULL));
   /* None of these left an observation behind. */
-  IS(PVL_ERR_BAD_STATE, pvl_seq_observation(c, s, 0, NULL, NULL, NULL, NULL,
+  TU_IS(PVL_ERR_BAD_STATE, pvl_seq_observation(c, s, 0, NULL, NULL, NULL, NULL,
                                             0, NULL, NULL));
-  OK(c, pvl_observe(c, s, 0, q, 3, 2, 0.3f, 1.0f, NULL));
+  TU_OK(c, pvl_observe(c, s, 0, q, 3, 2, 0.3f, 1.0f, NULL));
   float raw[5];
-  IS(PVL_ERR_CAPACITY,
+  TU_IS(PVL_ERR_CAPACITY,
      pvl_seq_observation(c, s, 0, NULL, NULL, raw, NULL, 4, NULL, NULL));
   pvl_cache_destroy(c);
 }
@@ -301,7 +285,7 @@ Test(budgets, vlcache_algorithm1_without_clipping) {
   p.keep_ratio = 0.5f;
   const float d[4] = {1.0f, 0.5f, 0.25f, 0.25f};
   uint32_t k[4];
-  OK(NULL, pvl_policy_budgets(&p, 4, 100, d, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 4, 100, d, k));
   const uint32_t want[4] = {100, 50, 25, 25};
   expect_u32(k, want, 4, "k");
 }
@@ -314,7 +298,7 @@ Test(budgets, vlcache_algorithm1_clips_without_redistribution) {
   p.keep_ratio = 0.8f;
   const float d[4] = {1.0f, 0.5f, 0.25f, 0.25f};
   uint32_t k[4];
-  OK(NULL, pvl_policy_budgets(&p, 4, 100, d, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 4, 100, d, k));
   const uint32_t want[4] = {100, 80, 40, 40};
   expect_u32(k, want, 4, "k");
 
@@ -323,13 +307,13 @@ Test(budgets, vlcache_algorithm1_clips_without_redistribution) {
    *   beta_1 = 0.001 / 1.001 * 0.2 = 0.0002 -> clipped to 0.01 -> 10. */
   p.keep_ratio = 0.1f;
   const float d2[2] = {1.0f, 0.001f};
-  OK(NULL, pvl_policy_budgets(&p, 2, 1000, d2, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 2, 1000, d2, k));
   const uint32_t want2[2] = {200, 10};
   expect_u32(k, want2, 2, "k");
 
   /* A raised floor: min_layer_ratio 0.25 lifts beta_1 to 0.25 -> 250. */
   p.min_layer_ratio = 0.25f;
-  OK(NULL, pvl_policy_budgets(&p, 2, 1000, d2, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 2, 1000, d2, k));
   const uint32_t want3[2] = {250, 250};
   /* beta_0 = 0.1998 is below the floor too. */
   expect_u32(k, want3, 2, "k");
@@ -342,14 +326,14 @@ Test(budgets, vlcache_rounds_half_up_and_keeps_at_least_one) {
   p.keep_ratio = 0.25f;
   const float d[2] = {1.0f, 1.0f};
   uint32_t k[2];
-  OK(NULL, pvl_policy_budgets(&p, 2, 10, d, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 2, 10, d, k));
   cr_assert_eq(k[0], 3);
   cr_assert_eq(k[1], 3);
   /* d = {1, 0}, alpha 0.1, m 10: beta_0 = 0.2 -> 2; beta_1 = 0 -> floor
    * 0.01 -> 0.1 token -> rounds to 0 -> at least 1. */
   p.keep_ratio = 0.1f;
   const float d2[2] = {1.0f, 0.0f};
-  OK(NULL, pvl_policy_budgets(&p, 2, 10, d2, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 2, 10, d2, k));
   cr_assert_eq(k[0], 2);
   cr_assert_eq(k[1], 1);
 }
@@ -361,11 +345,11 @@ Test(budgets, vlcache_zero_total_density) {
   p.keep_ratio = 0.3f;
   const float d[3] = {0, 0, 0};
   uint32_t k[3];
-  OK(NULL, pvl_policy_budgets(&p, 3, 100, d, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 3, 100, d, k));
   const uint32_t want[3] = {30, 30, 30};
   expect_u32(k, want, 3, "k");
   p.renormalize = 1;
-  OK(NULL, pvl_policy_budgets(&p, 3, 100, d, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 3, 100, d, k));
   expect_u32(k, want, 3, "k (renormalize)");
 }
 
@@ -381,7 +365,7 @@ Test(budgets, vlcache_waterfilling_redistributes_clipped_budget) {
   p.renormalize = 1;
   const float d[4] = {1.0f, 0.5f, 0.25f, 0.25f};
   uint32_t k[4];
-  OK(NULL, pvl_policy_budgets(&p, 4, 100, d, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 4, 100, d, k));
   const uint32_t want[4] = {100, 100, 60, 60};
   expect_u32(k, want, 4, "k");
 }
@@ -395,23 +379,23 @@ Test(budgets, vlcache_waterfilling_lower_bound) {
   p.keep_ratio = 0.1f;
   const float d[4] = {1.0f, 0, 0, 0};
   uint32_t k[4];
-  OK(NULL, pvl_policy_budgets(&p, 4, 100, d, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 4, 100, d, k));
   const uint32_t want_paper[4] = {40, 1, 1, 1};
   expect_u32(k, want_paper, 4, "k (paper)");
   p.renormalize = 1;
-  OK(NULL, pvl_policy_budgets(&p, 4, 100, d, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 4, 100, d, k));
   const uint32_t want[4] = {37, 1, 1, 1};
   expect_u32(k, want, 4, "k (water-filling)");
   /* min_layer_ratio 0.0625: lo = ceil(6.25) = 7 -> 40 - 21 = 19, 7, 7, 7. */
   p.min_layer_ratio = 0.0625f;
-  OK(NULL, pvl_policy_budgets(&p, 4, 100, d, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 4, 100, d, k));
   const uint32_t want2[4] = {19, 7, 7, 7};
   expect_u32(k, want2, 4, "k (lo = 7)");
   /* T is clamped to L * lo: min_layer_ratio 0.5, m 10, alpha 0.1, L 2:
    * T = round(2) = 2 < 2 * 5 -> T = 10 -> 5, 5. */
   p.min_layer_ratio = 0.5f;
   const float d2[2] = {1.0f, 0.0f};
-  OK(NULL, pvl_policy_budgets(&p, 2, 10, d2, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 2, 10, d2, k));
   cr_assert_eq(k[0], 5);
   cr_assert_eq(k[1], 5);
 }
@@ -425,7 +409,7 @@ Test(budgets, vlcache_waterfilling_remainder_goes_to_lower_layer_on_ties) {
   p.renormalize = 1;
   const float d[3] = {1, 1, 1};
   uint32_t k[3];
-  OK(NULL, pvl_policy_budgets(&p, 3, 10, d, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 3, 10, d, k));
   const uint32_t want[3] = {6, 5, 5};
   expect_u32(k, want, 3, "k");
   /* Largest fractional part first: d = {0.5, 0.25, 0.25}, m 10, alpha 0.5
@@ -433,7 +417,7 @@ Test(budgets, vlcache_waterfilling_remainder_goes_to_lower_layer_on_ties) {
    * go to the .75s (layers 1 and 2), not to layer 0's .5: 7, 4, 4. */
   p.keep_ratio = 0.5f;
   const float d2[3] = {0.5f, 0.25f, 0.25f};
-  OK(NULL, pvl_policy_budgets(&p, 3, 10, d2, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 3, 10, d2, k));
   const uint32_t want2[3] = {7, 4, 4};
   expect_u32(k, want2, 3, "k");
   /* d = {0.25, 0.5, 0.25}, alpha 14/30 (T = 14): shares 3.5, 7, 3.5 ->
@@ -441,7 +425,7 @@ Test(budgets, vlcache_waterfilling_remainder_goes_to_lower_layer_on_ties) {
    * layer: 4, 7, 3. */
   p.keep_ratio = 14.0f / 30.0f;
   const float d3[3] = {0.25f, 0.5f, 0.25f};
-  OK(NULL, pvl_policy_budgets(&p, 3, 10, d3, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 3, 10, d3, k));
   const uint32_t want3[3] = {4, 7, 3};
   expect_u32(k, want3, 3, "k");
 }
@@ -458,7 +442,7 @@ Test(budgets, waterfilling_sum_with_zero_density_layers) {
   p.renormalize = 1;
   const float d[4] = {1.0f, 0, 0, 0};
   uint32_t k[4];
-  OK(NULL, pvl_policy_budgets(&p, 4, 100, d, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 4, 100, d, k));
   uint32_t sum = 0;
   for (int l = 0; l < 4; l++) {
     cr_assert(k[l] >= 1 && k[l] <= 100, "k[%d] = %u", l, k[l]);
@@ -474,7 +458,7 @@ Test(budgets, waterfilling_sum_with_zero_density_layers) {
    * unit to the lower layer: 75, 1, 74. */
   p.keep_ratio = 0.5f;
   const float d2[3] = {0.5f, 0, 0.5f};
-  OK(NULL, pvl_policy_budgets(&p, 3, 100, d2, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 3, 100, d2, k));
   const uint32_t want2[3] = {75, 1, 74};
   expect_u32(k, want2, 3, "k");
 }
@@ -489,17 +473,17 @@ Test(budgets, uniform_and_full) {
     pvl_policy p = pol(kinds[i]);
     uint32_t k[3];
     p.keep_ratio = 0.5f;
-    OK(NULL, pvl_policy_budgets(&p, 3, 5, NULL, k));
+    TU_OK(NULL, pvl_policy_budgets(&p, 3, 5, NULL, k));
     for (int l = 0; l < 3; l++) cr_assert_eq(k[l], 3, "%s", pvl_policy_name(kinds[i]));
     p.keep_ratio = 0.1f;
-    OK(NULL, pvl_policy_budgets(&p, 3, 4, NULL, k));
+    TU_OK(NULL, pvl_policy_budgets(&p, 3, 4, NULL, k));
     for (int l = 0; l < 3; l++) cr_assert_eq(k[l], 1);
-    OK(NULL, pvl_policy_budgets(&p, 3, 1000, NULL, k));
+    TU_OK(NULL, pvl_policy_budgets(&p, 3, 1000, NULL, k));
     for (int l = 0; l < 3; l++) cr_assert_eq(k[l], 100);
   }
   pvl_policy f = pol(PVL_POLICY_FULL);
   uint32_t k[2];
-  OK(NULL, pvl_policy_budgets(&f, 2, 77, NULL, k));
+  TU_OK(NULL, pvl_policy_budgets(&f, 2, 77, NULL, k));
   cr_assert(k[0] == 77 && k[1] == 77);
 }
 
@@ -510,13 +494,13 @@ Test(budgets, pyramidkv_kvpress_formula) {
    * lo = 200 / 20 = 10, hi = 400 - 10 = 390 (< m - w = 968, no clip);
    * lo = 10 < w = 32 -> fallback to uniform: 200 each. */
   p.keep_ratio = 0.2f;
-  OK(NULL, pvl_policy_budgets(&p, 4, 1000, NULL, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 4, 1000, NULL, k));
   const uint32_t fb[4] = {200, 200, 200, 200};
   expect_u32(k, fb, 4, "k (fallback)");
   /* beta 4: lo = 50, hi = 350; 1000 >= 350 >= 50 >= 32 holds;
    * step = 300 / 3 = 100 -> 350, 250, 150, 50 (sum 800 = L C). */
   p.pyramid_beta = 4.0f;
-  OK(NULL, pvl_policy_budgets(&p, 4, 1000, NULL, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 4, 1000, NULL, k));
   const uint32_t py[4] = {350, 250, 150, 50};
   expect_u32(k, py, 4, "k (pyramid)");
   /* hi clipped: m 100, alpha 0.7, w 8, beta 2: C = 70, lo = 35, hi = 105
@@ -525,13 +509,13 @@ Test(budgets, pyramidkv_kvpress_formula) {
   p.keep_ratio = 0.7f;
   p.snap_window = 8;
   p.pyramid_beta = 2.0f;
-  OK(NULL, pvl_policy_budgets(&p, 4, 100, NULL, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 4, 100, NULL, k));
   const uint32_t cl[4] = {92, 77, 63, 48};
   expect_u32(k, cl, 4, "k (clipped hi)");
   /* hi < lo after the clip: alpha 0.99, m 100, w 8, beta 2: C = 99,
    * hi = 92, lo = 198 - 92 = 106 > hi -> uniform round(99) = 99. */
   p.keep_ratio = 0.99f;
-  OK(NULL, pvl_policy_budgets(&p, 4, 100, NULL, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 4, 100, NULL, k));
   const uint32_t fb2[4] = {99, 99, 99, 99};
   expect_u32(k, fb2, 4, "k (fallback, hi < lo)");
 }
@@ -547,10 +531,10 @@ Test(scores, h2o_divides_by_seen) {
   const float raw[5] = {3, 2, 1, 0.5f, 0.25f};
   const uint32_t seen[5] = {4, 4, 2, 1, 0};
   float out[5];
-  OK(NULL, pvl_policy_scores(&p, 5, raw, seen, 4, out));
+  TU_OK(NULL, pvl_policy_scores(&p, 5, raw, seen, 4, out));
   const float want[5] = {0.75f, 0.5f, 0.5f, 0.5f, 0.0f};
   for (int j = 0; j < 5; j++) NEAR(out[j], want[j], 1e-7);
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_scores(&p, 5, raw, NULL, 4, out));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_scores(&p, 5, raw, NULL, 4, out));
 }
 
 Test(scores, snapkv_mean_and_zero_padded_avg_pool) {
@@ -573,18 +557,18 @@ Test(scores, snapkv_mean_and_zero_padded_avg_pool) {
     pvl_policy p = pol(kinds[i]);
     p.snap_window = 3;
     float out[10];
-    OK(NULL, pvl_policy_scores(&p, 10, raw, NULL, 3, out));
+    TU_OK(NULL, pvl_policy_scores(&p, 10, raw, NULL, 3, out));
     for (int j = 0; j < 7; j++) NEAR(out[j], want[j], 1e-6);
     for (int j = 7; j < 10; j++)
       cr_assert(isinf(out[j]) && out[j] > 0, "window key %d: %g", j,
                 (double)out[j]);
     /* kernel 1: just the mean over rows. */
     p.pool_kernel = 1;
-    OK(NULL, pvl_policy_scores(&p, 10, raw, NULL, 3, out));
+    TU_OK(NULL, pvl_policy_scores(&p, 10, raw, NULL, 3, out));
     for (int j = 0; j < 7; j++) NEAR(out[j], raw[j] / 3.0, 1e-6);
     /* A window as long as the prompt: every key is +inf. */
     p.snap_window = 32;
-    OK(NULL, pvl_policy_scores(&p, 10, raw, NULL, 3, out));
+    TU_OK(NULL, pvl_policy_scores(&p, 10, raw, NULL, 3, out));
     for (int j = 0; j < 10; j++) cr_assert(isinf(out[j]) && out[j] > 0);
   }
 }
@@ -593,13 +577,13 @@ Test(scores, vlcache_is_identity_and_rejects_non_finite) {
   pvl_policy p = pol(PVL_POLICY_VLCACHE);
   const float raw[4] = {0.5f, 3.25f, 0.0f, 1e-3f};
   float out[4];
-  OK(NULL, pvl_policy_scores(&p, 4, raw, NULL, 7, out));
+  TU_OK(NULL, pvl_policy_scores(&p, 4, raw, NULL, 7, out));
   for (int j = 0; j < 4; j++) cr_assert_eq(out[j], raw[j]);
   const float bad1[3] = {1, NAN, 2}, bad2[3] = {1, INFINITY, 2};
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_scores(&p, 3, bad1, NULL, 1, out));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_scores(&p, 3, bad2, NULL, 1, out));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_scores(&p, 3, NULL, NULL, 1, out));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_scores(&p, 3, raw, NULL, 1, NULL));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_scores(&p, 3, bad1, NULL, 1, out));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_scores(&p, 3, bad2, NULL, 1, out));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_scores(&p, 3, NULL, NULL, 1, out));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_scores(&p, 3, raw, NULL, 1, NULL));
 }
 
 /* ======================================================================== */
@@ -615,7 +599,7 @@ Test(select, forced_recent_window_is_ceil_of_a_tenth) {
   float sc[20];
   for (int j = 0; j < 20; j++) sc[j] = 100.0f - (float)j;
   uint32_t keep[20], n = 0;
-  OK(NULL, pvl_policy_select(&p, 20, 10, sc, keep, &n));
+  TU_OK(NULL, pvl_policy_select(&p, 20, 10, sc, keep, &n));
   cr_assert_eq(n, 10);
   const uint32_t want[10] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 19};
   expect_u32(keep, want, 10, "keep");
@@ -627,7 +611,7 @@ Test(select, forced_recent_window_is_ceil_of_a_tenth) {
                  "recent(%u) = %u, expected %u", ks[i],
                  pvl__policy_recent(&p, 1000, ks[i]), rs[i]);
   /* k 11 -> r 2: top 9 of [0, 18) = 0..8, plus 18, 19. */
-  OK(NULL, pvl_policy_select(&p, 20, 11, sc, keep, &n));
+  TU_OK(NULL, pvl_policy_select(&p, 20, 11, sc, keep, &n));
   cr_assert_eq(n, 11);
   const uint32_t want11[11] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 18, 19};
   expect_u32(keep, want11, 11, "keep");
@@ -640,7 +624,7 @@ Test(select, ties_break_toward_the_later_position) {
   float sc[20] = {0};
   sc[2] = sc[5] = sc[9] = sc[12] = 1.0f;
   uint32_t keep[20], n = 0;
-  OK(NULL, pvl_policy_select(&p, 20, 4, sc, keep, &n));
+  TU_OK(NULL, pvl_policy_select(&p, 20, 4, sc, keep, &n));
   const uint32_t want[4] = {5, 9, 12, 19};
   cr_assert_eq(n, 4);
   expect_u32(keep, want, 4, "keep");
@@ -649,13 +633,13 @@ Test(select, ties_break_toward_the_later_position) {
   memset(sc, 0, sizeof(sc));
   sc[3] = 2.0f;
   sc[7] = sc[11] = sc[14] = 1.0f;
-  OK(NULL, pvl_policy_select(&p, 20, 4, sc, keep, &n));
+  TU_OK(NULL, pvl_policy_select(&p, 20, 4, sc, keep, &n));
   const uint32_t want2[4] = {3, 11, 14, 19};
   expect_u32(keep, want2, 4, "keep");
   /* All equal, recent_ratio 0: the k latest. */
   for (int j = 0; j < 20; j++) sc[j] = 0.5f;
   p.recent_ratio = 0.0f;
-  OK(NULL, pvl_policy_select(&p, 20, 3, sc, keep, &n));
+  TU_OK(NULL, pvl_policy_select(&p, 20, 3, sc, keep, &n));
   const uint32_t want3[3] = {17, 18, 19};
   expect_u32(keep, want3, 3, "keep");
 }
@@ -666,11 +650,11 @@ Test(select, recent_ratio_zero_and_one) {
   for (int j = 0; j < 12; j++) sc[j] = (float)(12 - j); /* best first */
   uint32_t keep[12], n;
   p.recent_ratio = 0.0f; /* no forced window: top 3 = 0, 1, 2 */
-  OK(NULL, pvl_policy_select(&p, 12, 3, sc, keep, &n));
+  TU_OK(NULL, pvl_policy_select(&p, 12, 3, sc, keep, &n));
   const uint32_t w0[3] = {0, 1, 2};
   expect_u32(keep, w0, 3, "keep");
   p.recent_ratio = 1.0f; /* all recent: 9, 10, 11 */
-  OK(NULL, pvl_policy_select(&p, 12, 3, sc, keep, &n));
+  TU_OK(NULL, pvl_policy_select(&p, 12, 3, sc, keep, &n));
   const uint32_t w1[3] = {9, 10, 11};
   expect_u32(keep, w1, 3, "keep");
   /* -inf and +inf scores are valid: +inf first, -inf last. */
@@ -678,7 +662,7 @@ Test(select, recent_ratio_zero_and_one) {
   for (int j = 0; j < 12; j++) sc[j] = 0.0f;
   sc[4] = INFINITY;
   sc[10] = sc[11] = -INFINITY;
-  OK(NULL, pvl_policy_select(&p, 12, 2, sc, keep, &n));
+  TU_OK(NULL, pvl_policy_select(&p, 12, 2, sc, keep, &n));
   const uint32_t w2[2] = {4, 9};
   expect_u32(keep, w2, 2, "keep");
 }
@@ -687,18 +671,18 @@ Test(select, streaming_sinks_and_recent) {
   /* m 20, k 7, 4 sinks: 0..3 and the 3 most recent 17..19. */
   pvl_policy p = pol(PVL_POLICY_STREAMING);
   uint32_t keep[20], n;
-  OK(NULL, pvl_policy_select(&p, 20, 7, NULL, keep, &n));
+  TU_OK(NULL, pvl_policy_select(&p, 20, 7, NULL, keep, &n));
   cr_assert_eq(n, 7);
   const uint32_t want[7] = {0, 1, 2, 3, 17, 18, 19};
   expect_u32(keep, want, 7, "keep");
   /* k 3 < 4 sinks: the first 3 only. */
-  OK(NULL, pvl_policy_select(&p, 20, 3, NULL, keep, &n));
+  TU_OK(NULL, pvl_policy_select(&p, 20, 3, NULL, keep, &n));
   const uint32_t want2[3] = {0, 1, 2};
   cr_assert_eq(n, 3);
   expect_u32(keep, want2, 3, "keep");
   /* No sinks: the k most recent. */
   p.sink_tokens = 0;
-  OK(NULL, pvl_policy_select(&p, 20, 3, NULL, keep, &n));
+  TU_OK(NULL, pvl_policy_select(&p, 20, 3, NULL, keep, &n));
   const uint32_t want3[3] = {17, 18, 19};
   expect_u32(keep, want3, 3, "keep");
 }
@@ -714,11 +698,11 @@ Test(select, snapkv_window_is_always_kept) {
     float sc[20];
     for (int j = 0; j < 20; j++) sc[j] = j < 16 ? 50.0f - (float)j : -1e30f;
     uint32_t keep[20], n;
-    OK(NULL, pvl_policy_select(&p, 20, 6, sc, keep, &n));
+    TU_OK(NULL, pvl_policy_select(&p, 20, 6, sc, keep, &n));
     cr_assert_eq(n, 6);
     const uint32_t want[6] = {0, 1, 16, 17, 18, 19};
     expect_u32(keep, want, 6, "keep");
-    OK(NULL, pvl_policy_select(&p, 20, 3, sc, keep, &n));
+    TU_OK(NULL, pvl_policy_select(&p, 20, 3, sc, keep, &n));
     cr_assert_eq(n, 3);
     const uint32_t want2[3] = {17, 18, 19};
     expect_u32(keep, want2, 3, "keep");
@@ -728,18 +712,18 @@ Test(select, snapkv_window_is_always_kept) {
 Test(select, full_and_budget_edges) {
   pvl_policy p = pol(PVL_POLICY_FULL);
   uint32_t keep[8], n;
-  OK(NULL, pvl_policy_select(&p, 8, 8, NULL, keep, &n));
+  TU_OK(NULL, pvl_policy_select(&p, 8, 8, NULL, keep, &n));
   cr_assert_eq(n, 8);
   for (uint32_t i = 0; i < 8; i++) cr_assert_eq(keep[i], i);
-  OK(NULL, pvl_policy_select(&p, 8, 100, NULL, keep, &n));
+  TU_OK(NULL, pvl_policy_select(&p, 8, 100, NULL, keep, &n));
   cr_assert_eq(n, 8, "n_keep = min(budget, m)");
   /* Budget 0: nothing kept; budget >= m: everything, for a scored kind
    * with no scores needed. */
   pvl_policy v = pol(PVL_POLICY_VLCACHE);
   float sc[8] = {1, 2, 3, 4, 5, 6, 7, 8};
-  OK(NULL, pvl_policy_select(&v, 8, 0, sc, keep, &n));
+  TU_OK(NULL, pvl_policy_select(&v, 8, 0, sc, keep, &n));
   cr_assert_eq(n, 0);
-  OK(NULL, pvl_policy_select(&v, 8, 9, NULL, keep, &n));
+  TU_OK(NULL, pvl_policy_select(&v, 8, 9, NULL, keep, &n));
   cr_assert_eq(n, 8);
   for (uint32_t i = 0; i < 8; i++) cr_assert_eq(keep[i], i);
 }
@@ -751,12 +735,12 @@ Test(select, full_refuses_a_budget_below_m) {
   pvl_policy p = pol(PVL_POLICY_FULL);
   uint32_t keep[12], n = 99;
   for (int i = 0; i < 12; i++) keep[i] = 0xDEADBEEFu;
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_select(&p, 10, 5, NULL, keep, &n));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_select(&p, 10, 5, NULL, keep, &n));
   cr_assert_eq(n, 99);
   for (int i = 0; i < 12; i++)
     cr_assert_eq(keep[i], 0xDEADBEEFu, "keep[%d] written by a failing call",
                  i);
-  OK(NULL, pvl_policy_select(&p, 10, 10, NULL, keep, &n));
+  TU_OK(NULL, pvl_policy_select(&p, 10, 10, NULL, keep, &n));
   cr_assert_eq(n, 10);
   for (int i = 10; i < 12; i++) cr_assert_eq(keep[i], 0xDEADBEEFu);
 }
@@ -765,12 +749,12 @@ Test(select, bad_arguments) {
   pvl_policy p = pol(PVL_POLICY_VLCACHE);
   float sc[6] = {1, 2, NAN, 4, 5, 6};
   uint32_t keep[6], n;
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_select(&p, 6, 3, sc, keep, &n));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_select(&p, 6, 3, NULL, keep, &n));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_select(&p, 6, 3, sc, keep, &n));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_select(&p, 6, 3, NULL, keep, &n));
   sc[2] = 3;
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_select(&p, 6, 3, sc, NULL, &n));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_select(&p, 6, 3, sc, keep, NULL));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_select(NULL, 6, 3, sc, keep, &n));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_select(&p, 6, 3, sc, NULL, &n));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_select(&p, 6, 3, sc, keep, NULL));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_select(NULL, 6, 3, sc, keep, &n));
 }
 
 /* ======================================================================== */
@@ -781,63 +765,63 @@ Test(rows, per_policy_windows) {
   pvl_cache *c = mk_cache(1, 1, 1, 2, 4, 256);
   pvl_seq_id a, b, e, f, g;
   const pvl_span va[2] = {{2, 10}, {10, 70}};
-  OK(c, pvl_seq_add(c, 100, va, 2, &a)); /* last visual token: 69 */
-  OK(c, pvl_seq_add(c, 100, NULL, 0, &b)); /* no visual span */
+  TU_OK(c, pvl_seq_add(c, 100, va, 2, &a)); /* last visual token: 69 */
+  TU_OK(c, pvl_seq_add(c, 100, NULL, 0, &b)); /* no visual span */
   const pvl_span ve = {10, 100};
-  OK(c, pvl_seq_add(c, 100, &ve, 1, &e)); /* visual span ends at m */
-  OK(c, pvl_seq_add(c, 20, NULL, 0, &f));  /* m < fallback_window */
+  TU_OK(c, pvl_seq_add(c, 100, &ve, 1, &e)); /* visual span ends at m */
+  TU_OK(c, pvl_seq_add(c, 20, NULL, 0, &f));  /* m < fallback_window */
   const pvl_span vg = {0, 5};
-  OK(c, pvl_seq_add(c, 8, &vg, 1, &g));
+  TU_OK(c, pvl_seq_add(c, 8, &vg, 1, &g));
 
   uint32_t first, n, fb;
   pvl_policy v = pol(PVL_POLICY_VLCACHE);
   /* Post-vision window: positions 70..99 (tau = 30). */
-  OK(c, pvl_policy_rows(&v, c, a, &first, &n, &fb));
+  TU_OK(c, pvl_policy_rows(&v, c, a, &first, &n, &fb));
   cr_assert(first == 70 && n == 30 && fb == 0, "%u %u %u", first, n, fb);
   /* window_cap 8: the last 8 of them. */
   v.window_cap = 8;
-  OK(c, pvl_policy_rows(&v, c, a, &first, &n, &fb));
+  TU_OK(c, pvl_policy_rows(&v, c, a, &first, &n, &fb));
   cr_assert(first == 92 && n == 8 && fb == 0, "%u %u %u", first, n, fb);
   v.window_cap = 30; /* exactly tau: all of them */
-  OK(c, pvl_policy_rows(&v, c, a, &first, &n, &fb));
+  TU_OK(c, pvl_policy_rows(&v, c, a, &first, &n, &fb));
   cr_assert(first == 70 && n == 30 && fb == 0, "%u %u %u", first, n, fb);
   v.window_cap = 0;
   /* No visual span: the last fallback_window = 32 prompt tokens. */
-  OK(c, pvl_policy_rows(&v, c, b, &first, &n, &fb));
+  TU_OK(c, pvl_policy_rows(&v, c, b, &first, &n, &fb));
   cr_assert(first == 68 && n == 32 && fb == 1, "%u %u %u", first, n, fb);
   /* Visual span ending at m: no post-vision token -> fallback too. */
-  OK(c, pvl_policy_rows(&v, c, e, &first, &n, &fb));
+  TU_OK(c, pvl_policy_rows(&v, c, e, &first, &n, &fb));
   cr_assert(first == 68 && n == 32 && fb == 1, "%u %u %u", first, n, fb);
   /* m = 20 < 32: min(32, m) = 20 rows from 0. */
-  OK(c, pvl_policy_rows(&v, c, f, &first, &n, &fb));
+  TU_OK(c, pvl_policy_rows(&v, c, f, &first, &n, &fb));
   cr_assert(first == 0 && n == 20 && fb == 1, "%u %u %u", first, n, fb);
   v.fallback_window = 5;
-  OK(c, pvl_policy_rows(&v, c, b, &first, &n, &fb));
+  TU_OK(c, pvl_policy_rows(&v, c, b, &first, &n, &fb));
   cr_assert(first == 95 && n == 5 && fb == 1, "%u %u %u", first, n, fb);
   /* Visual [0, 5) of 8: rows 5..7. */
-  OK(c, pvl_policy_rows(&v, c, g, &first, &n, &fb));
+  TU_OK(c, pvl_policy_rows(&v, c, g, &first, &n, &fb));
   cr_assert(first == 5 && n == 3 && fb == 0, "%u %u %u", first, n, fb);
 
   pvl_policy h = pol(PVL_POLICY_H2O); /* all prompt rows */
-  OK(c, pvl_policy_rows(&h, c, a, &first, &n, &fb));
+  TU_OK(c, pvl_policy_rows(&h, c, a, &first, &n, &fb));
   cr_assert(first == 0 && n == 100 && fb == 0, "%u %u %u", first, n, fb);
   pvl_policy s = pol(PVL_POLICY_SNAPKV); /* the last 32 */
-  OK(c, pvl_policy_rows(&s, c, a, &first, &n, &fb));
+  TU_OK(c, pvl_policy_rows(&s, c, a, &first, &n, &fb));
   cr_assert(first == 68 && n == 32, "%u %u", first, n);
-  OK(c, pvl_policy_rows(&s, c, f, &first, &n, &fb)); /* window > m */
+  TU_OK(c, pvl_policy_rows(&s, c, f, &first, &n, &fb)); /* window > m */
   cr_assert(first == 0 && n == 20, "%u %u", first, n);
   pvl_policy py = pol(PVL_POLICY_PYRAMIDKV);
   py.snap_window = 10;
-  OK(c, pvl_policy_rows(&py, c, a, &first, &n, &fb));
+  TU_OK(c, pvl_policy_rows(&py, c, a, &first, &n, &fb));
   cr_assert(first == 90 && n == 10, "%u %u", first, n);
   const pvl_policy_kind none[2] = {PVL_POLICY_FULL, PVL_POLICY_STREAMING};
   for (int i = 0; i < 2; i++) {
     pvl_policy q = pol(none[i]);
-    OK(c, pvl_policy_rows(&q, c, a, &first, &n, &fb));
+    TU_OK(c, pvl_policy_rows(&q, c, a, &first, &n, &fb));
     cr_assert_eq(n, 0, "%s observes no rows", pvl_policy_name(none[i]));
   }
-  IS(PVL_ERR_UNKNOWN_SEQUENCE, pvl_policy_rows(&v, c, a + 999, &first, &n, &fb));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_rows(&v, c, a, NULL, &n, &fb));
+  TU_IS(PVL_ERR_UNKNOWN_SEQUENCE, pvl_policy_rows(&v, c, a + 999, &first, &n, &fb));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_rows(&v, c, a, NULL, &n, &fb));
   pvl_cache_destroy(c);
 }
 
@@ -851,16 +835,16 @@ Test(policy, init_names_and_parse) {
   for (int k = 0; k < 6; k++) {
     cr_assert_str_eq(pvl_policy_name((pvl_policy_kind)k), names[k]);
     pvl_policy_kind back;
-    OK(NULL, pvl_policy_parse(names[k], &back));
+    TU_OK(NULL, pvl_policy_parse(names[k], &back));
     cr_assert_eq((int)back, k);
   }
   cr_assert_null(pvl_policy_name((pvl_policy_kind)6));
   pvl_policy_kind out;
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_parse("VLCACHE2", &out));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_parse(NULL, &out));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_init(NULL, PVL_POLICY_H2O));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_parse("VLCACHE2", &out));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_parse(NULL, &out));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_init(NULL, PVL_POLICY_H2O));
   pvl_policy p;
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_init(&p, (pvl_policy_kind)17));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_init(&p, (pvl_policy_kind)17));
   /* The paper's VL-Cache defaults. */
   p = pol(PVL_POLICY_VLCACHE);
   cr_assert_eq(p.size, sizeof(pvl_policy));
@@ -939,43 +923,43 @@ Test(policy, validation) {
   p.decode_cap_slack = 15;
   const float d[2] = {1, 0};
   uint32_t k[2];
-  OK(NULL, pvl_policy_budgets(&p, 2, 4, d, k));
+  TU_OK(NULL, pvl_policy_budgets(&p, 2, 4, d, k));
   cr_assert(k[0] == 4 && k[1] == 4);
   /* Budgets: VL-Cache needs densities in [0, 1]; L and m >= 1. */
   p = pol(PVL_POLICY_VLCACHE);
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_budgets(&p, 2, 4, NULL, k));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_budgets(&p, 2, 4, NULL, k));
   const float bad[2][2] = {{1.5f, 0}, {NAN, 0}};
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_budgets(&p, 2, 4, bad[0], k));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_budgets(&p, 2, 4, bad[1], k));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_budgets(&p, 2, 4, bad[0], k));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_budgets(&p, 2, 4, bad[1], k));
   const float neg[2] = {-0.01f, 0.5f};
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_budgets(&p, 2, 4, neg, k));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_budgets(&p, 0, 4, d, k));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_budgets(&p, 2, 0, d, k));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_budgets(&p, 2, 4, d, NULL));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_budgets(&p, 2, 4, neg, k));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_budgets(&p, 0, 4, d, k));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_budgets(&p, 2, 0, d, k));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_budgets(&p, 2, 4, d, NULL));
 }
 
 Test(policy, invalid_policy_is_refused_by_cache_calls) {
   pvl_cache *c = mk_cache(1, 1, 1, 2, 4, 16);
   pvl_seq_id s;
-  OK(c, pvl_seq_add(c, 8, NULL, 0, &s));
+  TU_OK(c, pvl_seq_add(c, 8, NULL, 0, &s));
   pvl_policy p = pol(PVL_POLICY_STREAMING);
   p.keep_ratio = NAN;
   uint32_t first, n, fb, did;
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_rows(&p, c, s, &first, &n, &fb));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_compress(c, s, &p, NULL, NULL));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_policy_rows(&p, c, s, &first, &n, &fb));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_compress(c, s, &p, NULL, NULL));
   p.keep_ratio = 0.5f;
   p.size = 8;
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_compress(c, s, &p, NULL, NULL));
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_compress(c, s, NULL, NULL, NULL));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_compress(c, s, &p, NULL, NULL));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_compress(c, s, NULL, NULL, NULL));
   p = pol(PVL_POLICY_STREAMING);
-  IS(PVL_ERR_INVALID_ARGUMENT, pvl_decode_cap(c, s, 0, &p, &did, NULL));
+  TU_IS(PVL_ERR_INVALID_ARGUMENT, pvl_decode_cap(c, s, 0, &p, &did, NULL));
   /* Nothing changed: still 8 tokens, and a valid compress still works. */
   uint32_t nt, nb;
-  OK(c, pvl_seq_layer_size(c, s, 0, &nt, &nb));
+  TU_OK(c, pvl_seq_layer_size(c, s, 0, &nt, &nb));
   cr_assert(nt == 8 && nb == 2);
   p.keep_ratio = 0.5f;
-  OK(c, pvl_compress(c, s, &p, NULL, NULL));
-  OK(c, pvl_seq_layer_size(c, s, 0, &nt, &nb));
+  TU_OK(c, pvl_compress(c, s, &p, NULL, NULL));
+  TU_OK(c, pvl_seq_layer_size(c, s, 0, &nt, &nb));
   cr_assert(nt == 4 && nb == 1, "streaming 0.5 of 8: %u tokens %u blocks", nt,
             nb);
   pvl_cache_destroy(c);

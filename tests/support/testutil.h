@@ -44,9 +44,18 @@ pvl_cache *tu_cache(uint32_t layers, uint32_t q_heads, uint32_t kv_heads,
 #define TU_OK(cache, call)                                                     \
   do {                                                                         \
     pvl_status tu_s_ = (call);                                                 \
-    cr_assert_eq(tu_s_, PVL_SUCCESS, "%s:%d: %s -> %s (%s)", __FILE__,         \
+    cr_assert_eq(tu_s_, PVL_SUCCESS, "%s:%d: %s -> %s (%s | %s)", __FILE__,    \
                  __LINE__, #call, pvl_status_string(tu_s_),                    \
-                 pvl_cache_last_error(cache));                                 \
+                 pvl_cache_last_error(cache), pvl_create_last_error());        \
+  } while (0)
+
+/* Fails the test unless `call` returns `expected`. */
+#define TU_IS(expected, call)                                                  \
+  do {                                                                         \
+    pvl_status tu_s_ = (call);                                                 \
+    cr_assert_eq(tu_s_, (expected), "%s:%d: %s -> %s, expected %s", __FILE__,  \
+                 __LINE__, #call, pvl_status_string(tu_s_),                    \
+                 pvl_status_string(expected));                                 \
   } while (0)
 
 pvl_stats tu_stats(const pvl_cache *c);
