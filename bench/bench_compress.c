@@ -2,7 +2,9 @@
  * pvl_compress, on the CPU backend, for each policy that observes. Prints
  * one CSV line per case and a table. Not run by ctest. */
 #define _POSIX_C_SOURCE 199309L
+#include <errno.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,45 +36,89 @@ static float frand(void) {
   return (float)((g_rng >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f;
 }
 
-#define CHECK(c, call)                                                      \
-  do {                                                                      \
-    pvl_status s_ = (call);                                                 \
-    if (s_ != PVL_SUCCESS) {                                                \
-      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__,                \
-              pvl_status_string(s_), (c) ? pvl_cache_last_error(c)          \
-                                         : pvl_create_last_error());        \
-      exit(1);                                                              \
-    }                                                                       \
+#define CHECK(c, call)                                                         \
+  do {                                                                         \
+    pvl_status s_ = (call);                                                    \
+    if (s_ != PVL_SUCCESS) {                                                   \
+      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__,                   \
+              pvl_status_string(s_),                                           \
+              (c) ? pvl_cache_last_error(c) : pvl_create_last_error());        \
+      exit(1);                                                                 \
+    }                                                                          \
   } while (0)
 
-static void usage(void) {
-  printf("usage: bench_compress [--layers N] [--q-heads N] [--kv-heads N]\n"
-         "  [--head-dim N] [--block-size N] [--visual N] [--text N]\n"
-         "  [--reps N]\n"
-         "Times pvl_observe (all layers) + pvl_compress per request on the\n"
-         "CPU backend (f32) for vlcache, snapkv, pyramidkv and h2o.\n");
+/* The defaults: a small VLM-shaped request (4 layers, 8/2 heads, head_dim
+ * 64, 5 + 576 visual + 60 text tokens) that times in seconds on two cores. */
+static const opts k_defaults = {4, 8, 2, 64, 16, 576, 60, 5};
+
+static void usage(FILE *f) {
+  fprintf(f,
+          "usage: bench_compress [options]\n"
+          "Times pvl_observe (all layers) + pvl_compress per request on the\n"
+          "CPU backend (f32) for vlcache, snapkv, pyramidkv and h2o; the\n"
+          "prompt is 5 text + visual + text tokens.\n"
+          "  --layers N      layers (default %u)\n"
+          "  --q-heads N     query heads (default %u)\n"
+          "  --kv-heads N    KV heads, dividing --q-heads (default %u)\n"
+          "  --head-dim N    head dimension (default %u)\n"
+          "  --block-size N  tokens per block (default %u)\n"
+          "  --visual N      visual tokens (default %u)\n"
+          "  --text N        text tokens after the image (default %u)\n"
+          "  --reps N        requests per policy; the median is reported "
+          "(default %u)\n"
+          "  --help          this text\n",
+          k_defaults.layers, k_defaults.q_heads, k_defaults.kv_heads,
+          k_defaults.head_dim, k_defaults.block_size, k_defaults.visual,
+          k_defaults.text, k_defaults.reps);
 }
 
 int main(int argc, char **argv) {
-  opts o = {4, 8, 2, 64, 16, 576, 60, 5};
+  opts o = k_defaults;
   for (int i = 1; i < argc; i++) {
     uint32_t *dst = NULL;
     if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-      usage();
+      usage(stdout);
       return 0;
-    } else if (!strcmp(argv[i], "--layers")) dst = &o.layers;
-    else if (!strcmp(argv[i], "--q-heads")) dst = &o.q_heads;
-    else if (!strcmp(argv[i], "--kv-heads")) dst = &o.kv_heads;
-    else if (!strcmp(argv[i], "--head-dim")) dst = &o.head_dim;
-    else if (!strcmp(argv[i], "--block-size")) dst = &o.block_size;
-    else if (!strcmp(argv[i], "--visual")) dst = &o.visual;
-    else if (!strcmp(argv[i], "--text")) dst = &o.text;
-    else if (!strcmp(argv[i], "--reps")) dst = &o.reps;
-    if (!dst || i + 1 >= argc) {
-      usage();
+    } else if (!strcmp(argv[i], "--layers"))
+      dst = &o.layers;
+    else if (!strcmp(argv[i], "--q-heads"))
+      dst = &o.q_heads;
+    else if (!strcmp(argv[i], "--kv-heads"))
+      dst = &o.kv_heads;
+    else if (!strcmp(argv[i], "--head-dim"))
+      dst = &o.head_dim;
+    else if (!strcmp(argv[i], "--block-size"))
+      dst = &o.block_size;
+    else if (!strcmp(argv[i], "--visual"))
+      dst = &o.visual;
+    else if (!strcmp(argv[i], "--text"))
+      dst = &o.text;
+    else if (!strcmp(argv[i], "--reps"))
+      dst = &o.reps;
+    if (!dst) {
+      fprintf(stderr, "bench_compress: unknown option '%s' (see --help)\n",
+              argv[i]);
       return 2;
     }
-    *dst = (uint32_t)strtoul(argv[++i], NULL, 10);
+    if (i + 1 >= argc) {
+      fprintf(stderr, "bench_compress: %s needs a value (see --help)\n",
+              argv[i]);
+      return 2;
+    }
+    /* Whole numbers only: strtoul alone would read "-1" or "12x". */
+    const char *val = argv[++i];
+    char *end = NULL;
+    errno = 0;
+    unsigned long long x = strtoull(val, &end, 10);
+    if (errno || end == val || *end || val[0] == '-' || x > UINT32_MAX ||
+        (x == 0 && dst != &o.visual && dst != &o.text)) {
+      fprintf(stderr, "bench_compress: %s expects a %s integer, got '%s'\n",
+              argv[i - 1],
+              dst == &o.visual || dst == &o.text ? "non-negative" : "positive",
+              val);
+      return 2;
+    }
+    *dst = (uint32_t)x;
   }
   const uint32_t m = 5 + o.visual + o.text;
   pvl_config cfg;

@@ -1,36 +1,55 @@
 /* libpagedvl: a paged, per-layer, compressible KV cache for vision-language
  * models. The whole public API; C11, no CUDA types (streams are void *).
  *
- * Usage (CPU backend, error checks shortened):
+ * Usage: the body of a main() on the CPU backend, a small VLM (4 layers;
+ * LLaVA-7B has 32 layers, 32 query heads, 8 KV heads, head_dim 128) with
+ * one request of 5 text + 576 image + 20 text tokens. k[l], v[l] point to
+ * [601][2][64] f16 prompt K/V, k_new/v_new[l] to [1][2][64], q/out[l] to
+ * [1][8][64]. CI compiles and runs the text between the two marker lines
+ * (tests/header_example.cmake).
  *
+ * ---- usage example begin ----
  *   pvl_config cfg;
- *   pvl_config_init(&cfg);              // defaults, then set the geometry
- *   cfg.num_layers = 32; cfg.num_q_heads = 32; cfg.num_kv_heads = 8;
- *   cfg.head_dim = 128; cfg.block_size = 16; cfg.num_blocks = 4096;
+ *   pvl_config_init(&cfg);               // defaults, then set the geometry
+ *   cfg.backend = PVL_BACKEND_CPU;       // or AUTO: CUDA when usable
  *   cfg.dtype = PVL_DTYPE_F16;
+ *   cfg.num_layers = 4; cfg.num_q_heads = 8; cfg.num_kv_heads = 2;
+ *   cfg.head_dim = 64; cfg.block_size = 16; cfg.num_blocks = 512;
  *   pvl_cache *cache;
- *   if (pvl_cache_create(&cfg, &cache) != PVL_SUCCESS) ...
+ *   if (pvl_cache_create(&cfg, &cache) != PVL_SUCCESS) {
+ *     fprintf(stderr, "%s\n", pvl_create_last_error());
+ *     return 1;
+ *   }
  *
- *   pvl_span img = {5, 2885};           // prompt positions [5, 2885) are visual
+ *   pvl_span img = {5, 581};             // prompt positions [5, 581) are visual
  *   pvl_seq_id seq;
- *   pvl_status st = pvl_seq_add(cache, 2940, &img, 1, &seq);
- *   if (st == PVL_ERR_OUT_OF_BLOCKS) ... // nothing was reserved; retry later
- *   for (uint32_t l = 0; l < 32; l++)   // prefill writes every prompt token
- *     pvl_kv_write(cache, seq, l, 0, 2940, k[l], v[l], NULL);
+ *   pvl_status st = pvl_seq_add(cache, 601, &img, 1, &seq);
+ *   if (st != PVL_SUCCESS) {             // OUT_OF_BLOCKS: nothing reserved,
+ *     pvl_cache_destroy(cache);          // a server retries later
+ *     return 1;
+ *   }
+ *   // Prefill writes every prompt token of every layer (K after RoPE).
+ *   for (uint32_t l = 0; l < cfg.num_layers && !st; l++)
+ *     st = pvl_kv_write(cache, seq, l, 0, 601, k[l], v[l], NULL);
  *
- *   pvl_plan *plan;
- *   pvl_plan_create(cache, 256, 0, &plan);
- *   for (int step = 0; step < n_steps; step++) {
- *     pvl_seq_append(cache, &seq, 1);   // one new slot in every layer
- *     pvl_plan_build(plan, &seq, 1, NULL);
- *     for (uint32_t l = 0; l < 32; l++) {
- *       pvl_plan_kv_write(plan, l, k_new[l], v_new[l], NULL);
- *       pvl_attention_decode(plan, l, q[l], out[l], 0.0f, NULL);
+ *   pvl_plan *plan = NULL;
+ *   if (!st) st = pvl_plan_create(cache, 256, 0, &plan);
+ *   for (int step = 0; step < n_steps && !st; step++) {
+ *     st = pvl_seq_append(cache, &seq, 1, NULL); // a new slot in every layer
+ *     if (!st) st = pvl_plan_build(plan, &seq, 1, NULL);
+ *     for (uint32_t l = 0; l < cfg.num_layers && !st; l++) {
+ *       st = pvl_plan_kv_write(plan, l, k_new[l], v_new[l], NULL);
+ *       if (!st) st = pvl_attention_decode(plan, l, q[l], out[l], 0.0f, NULL);
  *     }
  *   }
+ *   if (st)
+ *     fprintf(stderr, "%s\n  %s\n", pvl_status_string(st),
+ *             pvl_cache_last_error(cache));
  *   pvl_plan_destroy(plan);
  *   pvl_seq_free(cache, seq);
  *   pvl_cache_destroy(cache);
+ *   return st == PVL_SUCCESS ? 0 : 1;
+ * ---- usage example end ----
  *
  * Conventions that hold for every function below:
  * - Every function returns a pvl_status; results go through out-pointers,
@@ -608,14 +627,22 @@ typedef struct pvl_compress_report {
   uint32_t window_rows;
   uint32_t window_fallback;/* 1: no post-vision window, fell back */
   uint64_t kept_total;     /* sum of kept prompt tokens over layers */
-  uint32_t blocks_before;  /* blocks held by the sequence before */
-  uint32_t blocks_after;
-  uint32_t blocks_freed;   /* returned to the pool's free list (blocks
-                              shared with a fork only lose a reference;
-                              compaction also takes fresh blocks, so the
-                              free count rises by blocks_freed minus the
-                              blocks the gather filled) */
+  /* Block counts, all layers together. The sequence's own saving is
+   * blocks_before - blocks_after. The pool's free count changes by
+   * blocks_freed - blocks_taken, which is the same number unless blocks are
+   * shared with a fork (a shared block leaves the sequence but stays in
+   * use by the fork, so it is not freed). Example: a 76-block prompt whose
+   * kept tokens are all gathered into 8 fresh blocks reports before 76,
+   * after 8, freed 76, taken 8: the pool gains 68 = 76 - 8 free blocks. */
+  uint32_t blocks_before;  /* blocks in the sequence's tables before */
+  uint32_t blocks_after;   /* blocks in its tables after */
+  uint32_t blocks_freed;   /* blocks that went back on the pool's free list
+                              (refcount reached 0), fresh ones excluded */
   double keep_ratio;       /* realised: kept_total / (L * m) */
+  uint32_t blocks_taken;   /* fresh blocks taken from the pool to gather
+                              the moved kept tokens into (compaction never
+                              moves tokens in place); they are part of
+                              blocks_after */
 } pvl_compress_report;
 
 /* Compresses the prompt of a sequence by `policy`: budgets from the

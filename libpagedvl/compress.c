@@ -358,9 +358,11 @@ pvl_status pvl_compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
   }
 
   uint32_t blocks_before = 0, blocks_after = 0, blocks_freed = 0;
+  uint32_t blocks_taken = 0;
   for (uint32_t l = 0; l < L; l++) {
     blocks_before += s->tables[l].n_blocks;
     blocks_freed += prep[l].n_freed;
+    blocks_taken += prep[l].n_new;
   }
   for (uint32_t l = 0; l < L; l++) {
     uint32_t n = (uint32_t)((l + 1 < L ? koff[l + 1] : off) - koff[l]);
@@ -389,6 +391,7 @@ pvl_status pvl_compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
     report->blocks_before = blocks_before;
     report->blocks_after = blocks_after;
     report->blocks_freed = blocks_freed;
+    report->blocks_taken = blocks_taken;
     report->keep_ratio = (double)kept_total / ((double)L * m);
   }
   st = PVL_SUCCESS;

@@ -925,6 +925,13 @@ static void run_case(const ccase *cc) {
                "%s: report.blocks_freed %u, expected %u returned (and %u "
                "fresh)", ctx, rep.blocks_freed, returned, fresh);
   cr_assert_eq(rep.blocks_freed - fresh, free_after - free_before, "%s", ctx);
+  /* The report alone says how the pool's free count moved. */
+  cr_assert_eq(rep.blocks_taken, fresh, "%s: report.blocks_taken %u, %u fresh",
+               ctx, rep.blocks_taken, fresh);
+  cr_assert_eq((int64_t)free_after - (int64_t)free_before,
+               (int64_t)rep.blocks_freed - (int64_t)rep.blocks_taken,
+               "%s: free %u -> %u, report freed %u taken %u", ctx,
+               free_before, free_after, rep.blocks_freed, rep.blocks_taken);
   /* The observation was consumed; a second compress is refused. */
   if (scored)
     TU_IS(PVL_ERR_BAD_STATE, pvl_seq_observation(c, s, 0, NULL, NULL, NULL, NULL,
@@ -1043,6 +1050,10 @@ Test(compress, fork_sharing_blocks_stays_intact) {
     cr_assert_eq(free_blocks(c), free_before - fresh,
                  "seed %llu: free %u, expected %u - %u fresh blocks",
                  (unsigned long long)seed, free_blocks(c), free_before, fresh);
+    cr_assert(rep.blocks_freed == 0 && rep.blocks_taken == fresh,
+              "seed %llu: report freed %u taken %u, expected 0 and %u",
+              (unsigned long long)seed, rep.blocks_freed, rep.blocks_taken,
+              fresh);
     /* The fork: all m tokens, identity positions, original data. */
     for (uint32_t l = 0; l < L; l++) {
       uint32_t nt, nb;
@@ -1127,10 +1138,14 @@ Test(compress, report_blocks_freed_with_shared_blocks) {
                "report.blocks_freed = %u although no block returned to the "
                "pool (free %u -> %u)",
                rep.blocks_freed, free_before, free_blocks(c));
+  /* The sequence gave up 5 blocks, but the pool lost 4: freed - taken, not
+   * before - after, is the pool's change when blocks are shared. */
+  cr_assert_eq(rep.blocks_taken, 4, "blocks_taken %u", rep.blocks_taken);
   /* The fork can still be compressed; its blocks are its own now except
    * block 0, which both keep in place: 9 return, 4 fresh are taken. */
   TU_OK(c, pvl_compress(c, f, &p, &rep, NULL));
   cr_assert_eq(rep.blocks_freed, 9, "fork: blocks_freed %u", rep.blocks_freed);
+  cr_assert_eq(rep.blocks_taken, 4, "fork: blocks_taken %u", rep.blocks_taken);
   cr_assert_eq(free_blocks(c), free_before - 4 + 9 - 4);
   CHECK_CACHE(c);
   pvl_cache_destroy(c);
