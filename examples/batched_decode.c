@@ -1,10 +1,11 @@
 /* batched_decode: the main job of libpagedvl end to end, on synthetic
  * requests shaped like a vision-language model's: admit as many requests as
- * the pool holds, prefill their K/V layer by layer (and, with --policy,
- * compress each prompt as soon as it is written, VL-Cache style, so more
- * requests fit), then decode the batch step by step (append, incremental plan,
- * per-layer write + attention) and print what it cost. K, V and Q are random:
- * this exercises the cache, not a model.
+ * the pool holds, prefill their K/V layer by layer, compress each prompt as
+ * soon as it is written (VL-Cache by default, --policy to choose), then
+ * decode the batch step by step (append, incremental plan, per-layer write +
+ * attention). The same run without compression, on the same pool, comes
+ * first, and the two are printed side by side. K, V and Q are random: this
+ * exercises the cache, not a model.
  *
  * Defaults follow LLaVA-v1.6-Mistral-7B on a GPU (32 layers, 32 query heads,
  * 8 KV heads, head_dim 128, 5 image tiles x 576 = 2880 visual tokens plus a
@@ -32,8 +33,10 @@ typedef struct options {
   long long visual, text, steps, requests, seed;
   int dtype;          /* pvl_dtype, or -1 */
   int backend;        /* pvl_backend; PVL_BACKEND_AUTO unless --backend */
-  const char *policy; /* "none" (no compression) or a pvl_policy_name */
+  const char *policy; /* a pvl_policy_name compared with no compression,
+                         or "none" (no compression only) */
   double keep;        /* --keep, or -1 for the policy's default */
+  int json;           /* --json: totals as one JSON object */
 } options;
 
 typedef struct defaults {
@@ -53,12 +56,15 @@ static void usage(FILE *f, const char *argv0) {
           "usage: %s [options]\n"
           "\n"
           "Admits synthetic VLM requests into a libpagedvl cache until the "
-          "pool is\nfull (or --requests), prefills them, and decodes them "
-          "as one batch.\n"
+          "pool is\nfull (or --requests), prefills them, compresses each "
+          "prompt, and decodes\nthem as one batch; then prints this run "
+          "next to the same run without\ncompression on the same pool.\n"
           "\n"
-          "  --backend cpu|cuda|auto  backend (default auto: CUDA when built "
-          "and a GPU\n"
-          "                           is usable, else CPU)\n"
+          "  --backend cpu|cuda|auto  backend (default auto: CUDA when built, "
+          "a GPU is\n"
+          "                           usable and its kernels take the shape "
+          "and dtype,\n"
+          "                           else CPU)\n"
           "  --dtype f16|bf16|f32     K/V/Q element type (default f16; f32 "
           "is CPU only)\n"
           "  --layers N               transformer layers\n"
@@ -74,13 +80,15 @@ static void usage(FILE *f, const char *argv0) {
           "  --requests N             admit at most N requests (default 0 = "
           "as many as fit)\n"
           "  --seed N                 random seed (default 1)\n"
-          "  --policy NAME            compress every prompt after prefill: "
+          "  --policy NAME            compression compared with none: "
           "vlcache,\n"
           "                           snapkv, pyramidkv, h2o, streaming, "
-          "full, or none\n"
-          "                           (default none)\n"
-          "  --keep R                 keep ratio of --policy, in (0, 1] "
+          "full (default\n"
+          "                           vlcache); none: only the run without "
+          "compression\n"
+          "  --keep R                 keep ratio of the policy, in (0, 1] "
           "(default 0.1)\n"
+          "  --json                   print the totals as one JSON object\n"
           "  --help                   this text\n"
           "\n"
           "Defaults by backend (layers, q/kv heads, head_dim, block, blocks, "
@@ -128,14 +136,19 @@ static int parse_args(int argc, char **argv, options *o) {
     *fields[i] = -1;
   o->dtype = -1;
   o->backend = PVL_BACKEND_AUTO;
-  o->policy = "none";
+  o->policy = NULL;
   o->keep = -1.0;
+  o->json = 0;
 
   for (int i = 1; i < argc; i++) {
     const char *arg = argv[i];
     if (!strcmp(arg, "--help") || !strcmp(arg, "-h")) {
       usage(stdout, argv[0]);
       return 1;
+    }
+    if (!strcmp(arg, "--json")) {
+      o->json = 1;
+      continue;
     }
     /* --flag value or --flag=value */
     char flag[32];
@@ -213,6 +226,14 @@ static int parse_args(int argc, char **argv, options *o) {
         fields[k] == &o->seed ? (long long)INT64_MAX : (long long)UINT32_MAX;
     if (parse_uint(flag, val, max, fields[k]) != 0) return -1;
   }
+  if (!o->policy) {
+    o->policy = "vlcache";
+  } else if (!strcmp(o->policy, "none") && o->keep > 0.0) {
+    /* Silently dropping it would hide a mistake. */
+    fprintf(stderr, "batched_decode: --keep sets the keep ratio of a "
+                    "compression policy; --policy none compresses nothing\n");
+    return -1;
+  }
   return 0;
 }
 
@@ -278,7 +299,8 @@ static void *buf_alloc(pvl_backend be, size_t bytes) {
 static void buf_free(pvl_backend be, void *p) {
   if (be == PVL_BACKEND_CPU) free(p);
 #if PVL_EXAMPLE_CUDA
-  else if (p) cudaFree(p);
+  else if (p)
+    cudaFree(p);
 #endif
 }
 
@@ -290,7 +312,9 @@ static int buf_upload(pvl_backend be, void *dst, const void *src, size_t n) {
   }
 #if PVL_EXAMPLE_CUDA
   return cuda_ok(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice),
-                 "cudaMemcpy to the device") ? 0 : -1;
+                 "cudaMemcpy to the device")
+             ? 0
+             : -1;
 #else
   return -1;
 #endif
@@ -303,7 +327,9 @@ static int buf_download(pvl_backend be, void *dst, const void *src, size_t n) {
   }
 #if PVL_EXAMPLE_CUDA
   return cuda_ok(cudaMemcpy(dst, src, n, cudaMemcpyDeviceToHost),
-                 "cudaMemcpy from the device") ? 0 : -1;
+                 "cudaMemcpy from the device")
+             ? 0
+             : -1;
 #else
   return -1;
 #endif
@@ -411,9 +437,9 @@ static float load_elem(pvl_dtype dt, const void *src, size_t i) {
  * would come out uniform. k is the request's K of this layer, token-major
  * [n_prompt][hkv][d] in dtype dt (host memory); q gets [n_rows][hq][d]. */
 static void window_queries(pvl_dtype dt, const void *k, uint32_t hkv,
-                           uint32_t hq, uint32_t d, pvl_span image,
-                           uint32_t l, uint32_t L, uint32_t n_rows,
-                           uint64_t *rng, void *q, float *u) {
+                           uint32_t hq, uint32_t d, pvl_span image, uint32_t l,
+                           uint32_t L, uint32_t n_rows, uint64_t *rng, void *q,
+                           float *u) {
   const float sharp =
       (l < 2 || L < 3) ? 0.0f : 1.5f * (float)(l - 1) / (float)(L - 2);
   const uint32_t len = image.end - image.begin, grp = hq / hkv;
@@ -468,196 +494,182 @@ static void report(const pvl_cache *cache, const char *what, pvl_status st) {
     }                                                                          \
   } while (0)
 
-/* Which backend PVL_BACKEND_AUTO resolves to, from a throwaway one-block
- * cache (a geometry every backend supports), so the run can pick defaults
- * that fit it. */
-static pvl_status probe_backend(pvl_backend want, pvl_backend *out) {
+/* Turns the options into a cache config (num_blocks as given). */
+static void config_from(const options *o, pvl_config *cfg) {
+  pvl_config_init(cfg);
+  cfg->backend = (pvl_backend)o->backend;
+  cfg->dtype = (pvl_dtype)o->dtype;
+  cfg->num_layers = (uint32_t)o->layers;
+  cfg->num_q_heads = (uint32_t)o->q_heads;
+  cfg->num_kv_heads = (uint32_t)o->kv_heads;
+  cfg->head_dim = (uint32_t)o->head_dim;
+  cfg->block_size = (uint32_t)o->block_size;
+  cfg->num_blocks = (uint32_t)o->blocks;
+}
+
+/* Which backend a one-block cache of this shape and dtype gets (the pool
+ * size does not change the choice, and one block costs nothing to make). */
+static pvl_status probe(const options *o, pvl_backend want, pvl_backend *out) {
   pvl_config cfg;
-  pvl_status st = pvl_config_init(&cfg);
-  if (st != PVL_SUCCESS) return st;
+  config_from(o, &cfg);
   cfg.backend = want;
-  cfg.num_layers = 1;
-  cfg.num_q_heads = 1;
-  cfg.num_kv_heads = 1;
-  cfg.head_dim = 64;
-  cfg.block_size = 16;
   cfg.num_blocks = 1;
   cfg.max_seqs = 1;
-  pvl_cache *probe = NULL;
-  st = pvl_cache_create(&cfg, &probe);
+  pvl_cache *c = NULL;
+  pvl_status st = pvl_cache_create(&cfg, &c);
   if (st != PVL_SUCCESS) return st;
-  st = pvl_cache_config(probe, &cfg);
-  pvl_cache_destroy(probe);
+  st = pvl_cache_config(c, &cfg);
+  pvl_cache_destroy(c);
   if (st == PVL_SUCCESS) *out = cfg.backend;
   return st;
 }
 
-int main(int argc, char **argv) {
-  int rc = EXIT_FAILURE;
-  options opt;
-  int parsed = parse_args(argc, argv, &opt);
-  if (parsed != 0) return parsed > 0 ? EXIT_SUCCESS : EXIT_FAILURE;
-
-  pvl_status st = PVL_SUCCESS;
-  pvl_cache *cache = NULL;
-  pvl_plan *plan = NULL;
-  pvl_seq_id *ids = NULL;
-  uint32_t *layer_budget = NULL;
-  void *qwin = NULL, *qwin_host = NULL;
-  float *layer_density = NULL;
-  uint32_t n_seqs = 0;
-  pvl_backend be = PVL_BACKEND_CPU;
-  void *prefill_buf = NULL, *step_buf = NULL, *out_buf = NULL; /* backend */
-  void *host = NULL; /* host staging */
-  pvl_policy policy;
-  int compress = 0;
-
-  if (pvl_version() / 10000 != PVL_VERSION / 10000) { /* SONAME major */
-    fprintf(stderr, "batched_decode: built against libpagedvl %d, loaded %u\n",
-            PVL_VERSION, pvl_version());
-    return EXIT_FAILURE;
+/* Creates the run's cache. The backend sets the defaults of the flags not
+ * given (a 7B VLM on a GPU, a toy on the CPU), and PVL_BACKEND_AUTO picks
+ * the backend for the real shape and dtype: CUDA when it is built, a device
+ * is usable and the kernels take them, else the CPU. `why` receives the
+ * reason AUTO chose the CPU, in the library's words. */
+static pvl_status make_cache(options *o, pvl_cache **out, char *why,
+                             size_t why_len) {
+  why[0] = '\0';
+  options tried = *o;
+  int cuda = 0;
+  pvl_status st = pvl_backend_available(PVL_BACKEND_CUDA, 0, &cuda);
+  if (st != PVL_SUCCESS) return st;
+  pvl_backend got = PVL_BACKEND_CPU;
+  if (o->backend == PVL_BACKEND_CUDA ||
+      (o->backend == PVL_BACKEND_AUTO && cuda)) {
+    apply_defaults(&tried, &k_gpu_defaults);
+    if (o->backend == PVL_BACKEND_AUTO &&
+        probe(&tried, PVL_BACKEND_AUTO, &got) == PVL_SUCCESS &&
+        got == PVL_BACKEND_CPU) {
+      /* The kernels refuse this shape or dtype: the CPU it is, with the
+       * CPU's defaults for what was not given. */
+      tried = *o;
+      apply_defaults(&tried, &k_cpu_defaults);
+    }
+  } else {
+    apply_defaults(&tried, &k_cpu_defaults);
   }
-
-  /* 1. The backend decides the defaults: a 7B VLM on a GPU, a toy on the
-   *    CPU. */
-  st = probe_backend((pvl_backend)opt.backend, &be);
-  if (st != PVL_SUCCESS) {
-    report(NULL, "creating a cache on the requested backend", st);
-    goto cleanup;
+  if (o->backend == PVL_BACKEND_AUTO) {
+    /* Ask CUDA itself why, when AUTO will not take it. */
+    pvl_backend b = PVL_BACKEND_CPU;
+    if (probe(&tried, PVL_BACKEND_AUTO, &b) == PVL_SUCCESS &&
+        b == PVL_BACKEND_CPU) {
+      if (probe(&tried, PVL_BACKEND_CUDA, &b) != PVL_SUCCESS)
+        snprintf(why, why_len, "%s", pvl_create_last_error());
+      else
+        snprintf(why, why_len, "the CUDA backend was not chosen");
+    }
   }
-  apply_defaults(&opt,
-                 be == PVL_BACKEND_CUDA ? &k_gpu_defaults : &k_cpu_defaults);
-  const pvl_dtype dt = (pvl_dtype)opt.dtype;
-  const uint64_t n_prompt64 = (uint64_t)(opt.visual + opt.text);
-  if (n_prompt64 == 0 || n_prompt64 + (uint64_t)opt.steps > UINT32_MAX) {
-    fprintf(stderr, "batched_decode: --visual + --text must be >= 1 and, "
-                    "with --steps, fit in 32 bits\n");
-    goto cleanup;
-  }
-  const uint32_t n_prompt = (uint32_t)n_prompt64;
-  const uint32_t steps = (uint32_t)opt.steps;
-  if (strcmp(opt.policy, "none") != 0) {
-    pvl_policy_kind kind;
-    CHECK(pvl_policy_parse(opt.policy, &kind));
-    CHECK(pvl_policy_init(&policy, kind));
-    if (opt.keep > 0.0) policy.keep_ratio = (float)opt.keep;
-    compress = 1;
-  }
-
-  /* 2. The cache, on the backend the probe found. */
+  *o = tried;
   pvl_config cfg;
-  CHECK(pvl_config_init(&cfg));
-  cfg.backend = be;
-  cfg.dtype = dt;
-  cfg.num_layers = (uint32_t)opt.layers;
-  cfg.num_q_heads = (uint32_t)opt.q_heads;
-  cfg.num_kv_heads = (uint32_t)opt.kv_heads;
-  cfg.head_dim = (uint32_t)opt.head_dim;
-  cfg.block_size = (uint32_t)opt.block_size;
-  cfg.num_blocks = (uint32_t)opt.blocks;
-  CHECK(pvl_cache_create(&cfg, &cache));
-  CHECK(pvl_cache_config(cache, &cfg)); /* backend resolved, pool sized */
-  be = cfg.backend;
-  if (!buffers_supported(be)) {
-    fputs(k_no_cuda, stderr);
-    goto cleanup;
-  }
-  const uint32_t L = cfg.num_layers, hq = cfg.num_q_heads;
-  const uint32_t hkv = cfg.num_kv_heads, d = cfg.head_dim;
-  const size_t esz = pvl_dtype_size(dt);
+  config_from(o, &cfg);
+  return pvl_cache_create(&cfg, out);
+}
 
-  /* 3. Data. Random elements in backend memory; every K, V and Q of the
-   *    run is a window into them at a varying offset. The prefill pool
-   *    holds one request's prompt (queries are the widest rows); the decode
-   *    pool, made after admission, one step of the batch. */
-  const size_t row_kv = (size_t)hkv * d, row_q = (size_t)hq * d;
-  const size_t wrap = 64 * row_q; /* offsets cycle through this */
-  const size_t n_prefill = (size_t)n_prompt * row_q + wrap;
-  prefill_buf = buf_alloc(be, n_prefill * esz);
-  host = malloc(n_prefill * esz);
-  if (!prefill_buf || !host) {
-    fprintf(stderr, "batched_decode: cannot allocate %zu bytes of data\n",
-            n_prefill * esz);
-    goto cleanup;
-  }
-  uint64_t rng = (uint64_t)opt.seed;
-  for (size_t i = 0; i < n_prefill; i++)
-    store_elem(dt, host, i, rng_float(&rng));
-  if (buf_upload(be, prefill_buf, host, n_prefill * esz) != 0) goto cleanup;
+/* What one run (one policy, or none) did. Block counts are sums over the
+ * requests; "lifetime" blocks are what a request holds after its last
+ * decode step. */
+typedef struct pass {
+  const char *policy;      /* "none" or the policy's name */
+  float keep_ratio;        /* asked; 1 for none */
+  uint32_t requests;       /* admitted */
+  const char *stopped_by;  /* why admission stopped */
+  uint32_t compressed;     /* requests pvl_compress compacted */
+  uint32_t not_compressed; /* refused for lack of transient blocks */
+  uint32_t fallback;       /* requests with no post-vision window */
+  uint64_t prompt_tokens, decode_tokens;
+  uint64_t kept_tokens;  /* prompt tokens kept over layers, compressed */
+  double keep_ratio_sum; /* realised, over the compressed requests */
+  uint64_t blocks_before, blocks_after, blocks_freed, blocks_taken;
+  uint64_t reserved;  /* lifetime blocks of every admitted request */
+  uint32_t peak_used; /* most blocks in use after any call */
+  uint32_t final_used, final_free;
+  uint64_t final_tokens; /* pvl_stats.tokens after the last step */
+  double t_prefill, t_compress, t_decode;
+  uint64_t plan_first, plan_sum, plan_max;
+  double checksum;
+} pass;
+
+/* Everything the runs share: the cache, the shape, the data. */
+typedef struct run {
+  pvl_cache *cache;
+  pvl_backend be;
+  pvl_dtype dt;
+  uint32_t L, hq, hkv, d, bs, num_blocks, n_prompt, steps, max_req;
+  uint64_t prompt_blocks, life_blocks, seed;
+  pvl_span image;
+  uint32_t n_spans;
+  size_t row_kv, row_q, wrap, esz;
+  void *prefill_buf;  /* random K/V/Q rows, backend memory */
+  void *prefill_host; /* the same on the host (observation queries) */
+  void *qwin, *qwin_host;
+  pvl_seq_id *ids;
+  uint32_t *layer_budget; /* request 0 of the compressed run */
+  float *layer_density;
+} run;
+
+static void sample_peak(const run *R, pass *P) {
+  pvl_stats s;
+  if (pvl_cache_get_stats(R->cache, &s) == PVL_SUCCESS &&
+      s.used_blocks > P->peak_used)
+    P->peak_used = s.used_blocks;
+}
+
+/* One run on the cache, which it leaves empty. policy = NULL: no
+ * compression. Returns 0 or -1 (message printed). */
+static int run_pass(run *R, const pvl_policy *policy, pass *P) {
+  pvl_cache *const cache = R->cache;
+  const pvl_backend be = R->be;
+  const pvl_dtype dt = R->dt;
+  const uint32_t L = R->L, n_prompt = R->n_prompt, steps = R->steps;
+  const size_t row_kv = R->row_kv, row_q = R->row_q, wrap = R->wrap;
+  const size_t esz = R->esz;
+  pvl_plan *plan = NULL;
+  void *step_buf = NULL, *out_buf = NULL, *host = NULL;
+  uint32_t n_seqs = 0;
+  int rc = -1;
+  pvl_status st;
+  uint64_t rng = R->seed * 0x9e3779b97f4a7c15ull + 7; /* same per run */
+  memset(P, 0, sizeof(*P));
+  P->policy = policy ? pvl_policy_name(policy->kind) : "none";
+  P->keep_ratio = policy ? policy->keep_ratio : 1.0f;
+  P->stopped_by = "--requests";
 #define AT(buf, off) ((const char *)(buf) + ((off) % wrap) * esz)
 
-  /* 4. Admission, prefill and (with --policy) compression, one request at
-   *    a time as a server does. Like vLLM's scheduler, ask before adding,
-   *    and keep room for every admitted request's decode growth so that
-   *    the decode loop never runs out of blocks (a server would preempt
-   *    instead). Compression returns most of a request's blocks to the
-   *    pool at once, so more requests fit. */
-  uint64_t prompt_blocks = 0, life_blocks = 0;
-  CHECK(pvl_blocks_for_prompt(cache, n_prompt, &prompt_blocks));
-  CHECK(pvl_blocks_for_prompt(cache, n_prompt + steps, &life_blocks));
-  /* Decode growth: exact for full prompts; after compression a layer may
-   * end anywhere inside a block, so one more block per layer. */
-  const uint64_t growth = life_blocks - prompt_blocks + (compress ? L : 0);
-  pvl_stats stats;
-  CHECK(pvl_cache_get_stats(cache, &stats));
-  uint64_t free_blocks = stats.free_blocks, reserved = 0;
-  uint32_t max_req = cfg.max_seqs;
-  if (opt.requests > 0 && (uint64_t)opt.requests < max_req)
-    max_req = (uint32_t)opt.requests;
-  ids = malloc((size_t)max_req * sizeof(*ids));
-  if (!ids) {
-    fprintf(stderr, "batched_decode: out of host memory\n");
-    goto cleanup;
-  }
-  /* A LLaVA prompt: a short system prefix, the image, then the question. */
-  const uint32_t prefix = opt.text < 5 ? (uint32_t)opt.text : 5;
-  const pvl_span image = {prefix, prefix + (uint32_t)opt.visual};
-  const uint32_t n_spans = opt.visual > 0 ? 1 : 0;
-  const char *stopped_by = "--requests";
-  double t_prefill = 0.0, t_compress = 0.0, kept_ratio_sum = 0.0;
-  uint64_t blocks_freed = 0;
-  uint32_t n_fallback = 0;
-  /* The first request's per-layer budgets and densities, for the table. */
-  layer_budget = calloc(L, sizeof(*layer_budget));
-  layer_density = calloc(L, sizeof(*layer_density));
-  if (!layer_budget || !layer_density) {
-    fprintf(stderr, "batched_decode: out of host memory\n");
-    goto cleanup;
-  }
-  /* What fits without compression, for the comparison: every request
-   * holds its prompt plus its decode growth. */
-  const uint64_t fit_plain = life_blocks ? stats.free_blocks / life_blocks : 0;
-  while (n_seqs < max_req) {
+  /* Admission, prefill and compression, one request at a time as a server
+   * does. Each admitted request reserves its lifetime blocks: its prompt
+   * plus its decode growth, the same in both runs, so the decode loop never
+   * runs out (a server would preempt instead). Compression lowers the
+   * reservation to what the kept tokens plus the decode steps need, which
+   * is never more, so compression never admits fewer requests. Compaction
+   * also needs up to one layer's prompt blocks of fresh ones at once, only
+   * while it runs: they come from blocks no decode step has used yet, and
+   * if even those are short, pvl_compress refuses, changes nothing, and the
+   * request stays uncompressed within its reservation. */
+  while (n_seqs < R->max_req) {
     pvl_admit admit;
     CHECK(pvl_can_add(cache, n_prompt, &admit));
-    if (admit == PVL_ADMIT_NEVER) {
-      fprintf(stderr,
-              "batched_decode: one request of %u tokens needs %" PRIu64
-              " blocks; the pool has %u (raise --blocks)\n",
-              n_prompt, prompt_blocks, cfg.num_blocks);
-      goto cleanup;
-    }
-    if (admit == PVL_ADMIT_LATER) {
-      stopped_by = n_seqs == cfg.max_seqs ? "max_seqs" : "pool full";
+    if (admit != PVL_ADMIT_OK) {
+      P->stopped_by = "pool full";
       break;
     }
-    /* Compaction gathers the kept tokens into fresh blocks first: at most
-     * the final block count, bounded here by the prompt's. */
-    const uint64_t transient = compress ? prompt_blocks : 0;
-    if (free_blocks < reserved + prompt_blocks + transient + growth) {
-      stopped_by = "pool full, room kept for decode";
+    if (P->reserved + R->life_blocks > R->num_blocks) {
+      P->stopped_by = "pool full with the decode steps' blocks";
       break;
     }
     pvl_seq_id id;
-    st = pvl_seq_add(cache, n_prompt, n_spans ? &image : NULL, n_spans, &id);
+    st = pvl_seq_add(cache, n_prompt, R->n_spans ? &R->image : NULL, R->n_spans,
+                     &id);
     if (st == PVL_ERR_OUT_OF_BLOCKS) { /* nothing was reserved */
-      stopped_by = "pool full";
+      P->stopped_by = "pool full";
       break;
     }
     CHECK(st);
-    ids[n_seqs++] = id;
-    free_blocks -= prompt_blocks;
-    reserved += growth;
+    R->ids[n_seqs++] = id;
+    P->reserved += R->life_blocks;
+    sample_peak(R, P);
 
     /* Prefill: every prompt token of every layer, as the model's prefill
      * produces them (K after RoPE). */
@@ -665,74 +677,78 @@ int main(int argc, char **argv) {
     const size_t r = n_seqs - 1;
     for (uint32_t l = 0; l < L; l++) {
       size_t off = (r * L + l) * 7 * row_kv;
-      CHECK(pvl_kv_write(cache, id, l, 0, n_prompt, AT(prefill_buf, off),
-                         AT(prefill_buf, off + row_kv), NULL));
+      CHECK(pvl_kv_write(cache, id, l, 0, n_prompt, AT(R->prefill_buf, off),
+                         AT(R->prefill_buf, off + row_kv), NULL));
     }
     if (buf_sync(be) != 0) goto cleanup;
-    t_prefill += now_s() - t0;
-    if (!compress) continue;
+    P->t_prefill += now_s() - t0;
+    if (!policy) continue;
 
     /* Compression: the policy names the prompt queries it needs (VL-Cache:
      * the post-vision window), each layer observes them against its cached
      * K, then one call budgets, selects and compacts every layer. */
     t0 = now_s();
     uint32_t first = 0, n_rows = 0, fallback = 0;
-    CHECK(pvl_policy_rows(&policy, cache, id, &first, &n_rows, &fallback));
-    if (n_rows > 0 && !qwin) {
-      /* The widest window any policy asks for is the whole prompt (H2O). */
-      qwin = buf_alloc(be, (size_t)n_prompt * row_q * esz);
-      qwin_host = malloc((size_t)n_prompt * row_q * esz + d * sizeof(float));
-      if (!qwin || !qwin_host) {
-        fprintf(stderr, "batched_decode: out of memory for queries\n");
-        goto cleanup;
-      }
-    }
+    CHECK(pvl_policy_rows(policy, cache, id, &first, &n_rows, &fallback));
     for (uint32_t l = 0; n_rows > 0 && l < L; l++) {
       const size_t off = (r * L + l) * 7 * row_kv; /* this layer's K */
-      float *u = (float *)((char *)qwin_host + (size_t)n_rows * row_q * esz);
-      window_queries(dt, (const char *)host + (off % wrap) * esz, hkv, hq, d,
-                     image, l, L, n_rows, &rng, qwin_host, u);
-      if (buf_upload(be, qwin, qwin_host, (size_t)n_rows * row_q * esz) != 0)
+      float *u = (float *)((char *)R->qwin_host + (size_t)n_rows * row_q * esz);
+      window_queries(dt, (const char *)R->prefill_host + (off % wrap) * esz,
+                     R->hkv, R->hq, R->d, R->image, l, L, n_rows, &rng,
+                     R->qwin_host, u);
+      if (buf_upload(be, R->qwin, R->qwin_host, (size_t)n_rows * row_q * esz) !=
+          0)
         goto cleanup;
-      CHECK(pvl_observe(cache, id, l, qwin, first, n_rows, policy.threshold,
+      CHECK(pvl_observe(cache, id, l, R->qwin, first, n_rows, policy->threshold,
                         0.0f, NULL));
     }
     pvl_compress_report rep;
     memset(&rep, 0, sizeof(rep));
-    if (r == 0) {
-      rep.budget = layer_budget;
-      rep.density = layer_density;
+    if (P->compressed == 0) {
+      rep.budget = R->layer_budget;
+      rep.density = R->layer_density;
     }
-    CHECK(pvl_compress(cache, id, &policy, &rep, NULL));
+    st = pvl_compress(cache, id, policy, &rep, NULL);
+    if (st == PVL_ERR_OUT_OF_BLOCKS) { /* nothing changed, see above */
+      P->not_compressed++;
+      continue;
+    }
+    CHECK(st);
     if (buf_sync(be) != 0) goto cleanup;
-    t_compress += now_s() - t0;
-    free_blocks += (uint64_t)rep.blocks_before - rep.blocks_after;
-    blocks_freed += rep.blocks_freed;
-    kept_ratio_sum += rep.keep_ratio;
-    n_fallback += rep.window_fallback;
+    P->t_compress += now_s() - t0;
+    P->compressed++;
+    P->kept_tokens += rep.kept_total;
+    P->keep_ratio_sum += rep.keep_ratio;
+    P->fallback += rep.window_fallback;
+    P->blocks_before += rep.blocks_before;
+    P->blocks_after += rep.blocks_after;
+    P->blocks_freed += rep.blocks_freed;
+    P->blocks_taken += rep.blocks_taken;
+    /* The new lifetime: each layer's kept tokens plus the decode steps. */
+    uint64_t lifetime = 0;
+    for (uint32_t l = 0; l < L; l++) {
+      uint32_t nt, nb;
+      CHECK(pvl_seq_layer_size(cache, id, l, &nt, &nb));
+      lifetime += ((uint64_t)nt + steps + R->bs - 1) / R->bs;
+    }
+    P->reserved -= R->life_blocks - lifetime;
+    sample_peak(R, P);
   }
   if (n_seqs == 0) {
-    fprintf(stderr,
-            "batched_decode: the pool (%u blocks) cannot hold one request "
-            "with its %u decode steps (%" PRIu64 " blocks); raise --blocks\n",
-            cfg.num_blocks, steps,
-            life_blocks + (compress ? prompt_blocks : 0));
+    fprintf(stderr, "batched_decode: admitted no request (%s)\n",
+            P->stopped_by);
     goto cleanup;
   }
+  P->requests = n_seqs;
+  P->prompt_tokens = (uint64_t)n_prompt * n_seqs;
 
-  /* 5. The decode step's data: random K/V/Q rows for the whole batch. */
+  /* The decode step's data: random K/V/Q rows for the whole batch. */
   const size_t n_step = (size_t)n_seqs * row_q + wrap;
   const size_t out_bytes = (size_t)n_seqs * row_q * esz;
-  void *host2 =
-      realloc(host, (n_step * esz > out_bytes ? n_step * esz : out_bytes));
-  if (!host2) {
-    fprintf(stderr, "batched_decode: out of host memory\n");
-    goto cleanup;
-  }
-  host = host2;
+  host = malloc(n_step * esz > out_bytes ? n_step * esz : out_bytes);
   step_buf = buf_alloc(be, n_step * esz);
   out_buf = buf_alloc(be, out_bytes);
-  if (!step_buf || !out_buf) {
+  if (!host || !step_buf || !out_buf) {
     fprintf(stderr, "batched_decode: cannot allocate %zu bytes of data\n",
             n_step * esz + out_bytes);
     goto cleanup;
@@ -740,24 +756,22 @@ int main(int argc, char **argv) {
   for (size_t i = 0; i < n_step; i++) store_elem(dt, host, i, rng_float(&rng));
   if (buf_upload(be, step_buf, host, n_step * esz) != 0) goto cleanup;
 
-  /* 6. Decode: one batch, one plan. Per step: a slot for every sequence in
-   *    every layer, the plan updated with what changed, then per layer the
-   *    new token's K/V and the attention of its query. */
+  /* Decode: one batch, one plan. Per step: a slot for every sequence in
+   * every layer, the plan updated with what changed, then per layer the
+   * new token's K/V and the attention of its query. */
   CHECK(pvl_plan_create(cache, n_seqs, 0, &plan));
-  uint64_t first_bytes = 0, sum_bytes = 0, max_bytes = 0;
-  uint32_t peak_used = 0;
   const double t_decode0 = now_s();
   for (uint32_t s = 0; s < steps; s++) {
-    CHECK(pvl_seq_append(cache, ids, n_seqs, NULL));
-    CHECK(pvl_plan_build(plan, ids, n_seqs, NULL));
+    CHECK(pvl_seq_append(cache, R->ids, n_seqs, NULL));
+    CHECK(pvl_plan_build(plan, R->ids, n_seqs, NULL));
     pvl_plan_info info;
     CHECK(pvl_plan_get_info(plan, &info));
     if (s == 0) {
-      first_bytes = info.last_update_bytes;
+      P->plan_first = info.last_update_bytes;
     } else {
-      sum_bytes += info.last_update_bytes;
-      if (info.last_update_bytes > max_bytes)
-        max_bytes = info.last_update_bytes;
+      P->plan_sum += info.last_update_bytes;
+      if (info.last_update_bytes > P->plan_max)
+        P->plan_max = info.last_update_bytes;
     }
     for (uint32_t l = 0; l < L; l++) {
       size_t off = ((size_t)s * L + l) * 3 * row_q;
@@ -768,15 +782,19 @@ int main(int argc, char **argv) {
     }
   }
   if (buf_sync(be) != 0) goto cleanup;
-  const double t_decode = now_s() - t_decode0;
+  P->t_decode = now_s() - t_decode0;
+  P->decode_tokens = (uint64_t)steps * n_seqs;
 #undef AT
 
+  pvl_stats stats;
   CHECK(pvl_cache_get_stats(cache, &stats));
-  peak_used = stats.used_blocks; /* nothing is freed during the run */
+  P->final_used = stats.used_blocks;
+  P->final_free = stats.free_blocks;
+  P->final_tokens = stats.tokens;
+  sample_peak(R, P);
 
   /* The last layer's output of the last step: finite, and a checksum to
    * compare runs (same seed and flags give the same value on one backend). */
-  double checksum = 0.0;
   if (steps > 0) {
     if (buf_download(be, host, out_buf, out_bytes) != 0) goto cleanup;
     for (size_t i = 0; i < (size_t)n_seqs * row_q; i++) {
@@ -786,90 +804,330 @@ int main(int argc, char **argv) {
                 (double)v);
         goto cleanup;
       }
-      checksum += fabs((double)v);
+      P->checksum += fabs((double)v);
     }
   }
-
-  /* 7. Report. */
-  const uint64_t decode_tokens = (uint64_t)steps * n_seqs;
-  printf("libpagedvl %u.%u.%u  batched_decode\n", PVL_VERSION_MAJOR,
-         PVL_VERSION_MINOR, PVL_VERSION_PATCH);
-  printf("  %-20s %s\n", "backend", be == PVL_BACKEND_CUDA ? "cuda" : "cpu");
-  printf("  %-20s %s, %u layers, %u q / %u kv heads, head_dim %u, "
-         "block %u\n",
-         "model", dtype_name(dt), L, hq, hkv, d, cfg.block_size);
-  printf("  %-20s %u tokens (%lld visual + %lld text)\n", "prompt/request",
-         n_prompt, opt.visual, opt.text);
-  printf("  %-20s %u (%s)\n", "requests admitted", n_seqs, stopped_by);
-  printf("  %-20s %" PRIu64 "\n", "prompt tokens", (uint64_t)n_prompt * n_seqs);
-  printf("  %-20s %" PRIu64 " (%u steps x %u)\n", "decode tokens",
-         decode_tokens, steps, n_seqs);
-  printf("  %-20s %u / %u (%.1f %%, %.1f MiB of %.1f MiB)\n",
-         "blocks used/total", peak_used, stats.num_blocks,
-         100.0 * peak_used / (stats.num_blocks ? stats.num_blocks : 1),
-         (double)peak_used * (double)stats.block_bytes / 1048576.0,
-         (double)stats.pool_bytes / 1048576.0);
-  printf("  %-20s %.3f s (%.0f tokens/s)\n", "prefill writes", t_prefill,
-         t_prefill > 0 ? (double)n_prompt * n_seqs / t_prefill : 0.0);
-  if (compress) {
-    printf("  %-20s %s, keep ratio %.3f asked, %.3f realised%s\n",
-           "compression", pvl_policy_name(policy.kind),
-           (double)policy.keep_ratio, kept_ratio_sum / n_seqs,
-           n_fallback ? " (no post-vision window: fell back)" : "");
-    printf("  %-20s %.3f s, %" PRIu64 " blocks freed\n", "observe+compress",
-           t_compress, blocks_freed);
-    const uint64_t plain = fit_plain < max_req ? fit_plain : max_req;
-    printf("  %-20s %" PRIu64 " requests fit uncompressed; the freed blocks "
-           "admitted %lld more (%.1fx)\n",
-           "memory", plain, (long long)n_seqs - (long long)plain,
-           plain ? (double)n_seqs / (double)plain : 0.0);
-    /* Per-layer budgets of the first request: sparsity-aware policies give
-     * dense layers more tokens. */
-    printf("  per-layer budget of request 0 (of %u prompt tokens):\n",
-           n_prompt);
-    uint32_t max_b = 1;
-    for (uint32_t l = 0; l < L; l++)
-      if (layer_budget[l] > max_b) max_b = layer_budget[l];
-    for (uint32_t l = 0; l < L; l++) {
-      char bar[41];
-      uint32_t w = (uint32_t)((uint64_t)layer_budget[l] * 40 / max_b);
-      memset(bar, '#', w);
-      bar[w] = '\0';
-      printf("    layer %3u  density %.3f  keep %6u  %s\n", l,
-             (double)layer_density[l], layer_budget[l], bar);
-    }
-  }
-  printf("  %-20s %.3f s\n", "decode", t_decode);
-  printf("  %-20s %.1f\n", "steps per second",
-         t_decode > 0 ? steps / t_decode : 0.0);
-  printf("  %-20s %.1f\n", "tokens per second",
-         t_decode > 0 ? (double)decode_tokens / t_decode : 0.0);
-  printf("  %-20s first %" PRIu64 ", then mean %.0f, max %" PRIu64 "\n",
-         "plan bytes/step", first_bytes,
-         steps > 1 ? (double)sum_bytes / (steps - 1) : 0.0, max_bytes);
-  printf("  %-20s %.6e\n", "output checksum", checksum);
-  rc = EXIT_SUCCESS;
+  rc = 0;
 
 cleanup:
-  /* Sequences and plans also go with the cache; freeing them shows the
-   * calls a server makes when a request finishes. */
-  for (uint32_t r = 0; r < n_seqs && cache; r++) {
-    st = pvl_seq_free(cache, ids[r]);
+  /* Freeing each sequence, as a server does when a request finishes,
+   * leaves the pool empty for the next run. */
+  for (uint32_t r = 0; r < n_seqs; r++) {
+    st = pvl_seq_free(cache, R->ids[r]);
     if (st != PVL_SUCCESS) {
       report(cache, "pvl_seq_free", st);
-      rc = EXIT_FAILURE;
+      rc = -1;
     }
   }
   pvl_plan_destroy(plan);
-  pvl_cache_destroy(cache);
-  free(layer_budget);
-  free(layer_density);
-  free(qwin_host);
-  buf_free(be, qwin);
-  buf_free(be, prefill_buf);
   buf_free(be, step_buf);
   buf_free(be, out_buf);
   free(host);
-  free(ids);
+  return rc;
+}
+
+/* "12" or "-" for a count that a run without compression does not have. */
+static const char *cell_u(char *buf, size_t len, int have, uint64_t v) {
+  if (have)
+    snprintf(buf, len, "%" PRIu64, v);
+  else
+    snprintf(buf, len, "-");
+  return buf;
+}
+
+/* s as a JSON string body: quotes, backslashes and control bytes escaped. */
+static void json_str(const char *s) {
+  for (; *s; s++) {
+    if (*s == '"' || *s == '\\')
+      printf("\\%c", *s);
+    else if ((unsigned char)*s < 0x20)
+      printf("\\u%04x", (unsigned)*s);
+    else
+      putchar(*s);
+  }
+}
+
+static void print_json(const run *R, const char *backend, const char *why,
+                       const pass *runs, int n_runs) {
+  printf("{\"version\": \"%u.%u.%u\", \"backend\": \"%s\", "
+         "\"layers\": %u, \"block_size\": %u, "
+         "\"pool_blocks\": %u, \"n_prompt\": %u, \"steps\": %u, "
+         "\"prompt_blocks\": %" PRIu64 ", \"life_blocks\": %" PRIu64 ", ",
+         PVL_VERSION_MAJOR, PVL_VERSION_MINOR, PVL_VERSION_PATCH, backend, R->L,
+         R->bs, R->num_blocks, R->n_prompt, R->steps, R->prompt_blocks,
+         R->life_blocks);
+  /* Why AUTO chose the CPU, "" when it did not or was not asked. */
+  printf("\"auto_reason\": \"");
+  json_str(why);
+  printf("\", \"runs\": [");
+  for (int i = 0; i < n_runs; i++) {
+    const pass *P = &runs[i];
+    printf("%s\n  {\"policy\": \"%s\", \"keep_ratio\": %.6g, "
+           "\"requests\": %u, \"stopped_by\": \"%s\", \"compressed\": %u, "
+           "\"not_compressed\": %u, \"prompt_tokens\": %" PRIu64
+           ", \"decode_tokens\": %" PRIu64 ", \"kept_tokens\": %" PRIu64
+           ", \"blocks_before\": %" PRIu64 ", \"blocks_after\": %" PRIu64
+           ", \"blocks_freed\": %" PRIu64 ", \"blocks_taken\": %" PRIu64
+           ", \"net_saved\": %" PRIu64 ", \"reserved\": %" PRIu64
+           ", \"peak_used\": %u, \"final_used\": %u, \"final_free\": %u, "
+           "\"final_tokens\": %" PRIu64 ", \"prefill_s\": %.6g, "
+           "\"compress_s\": %.6g, \"decode_s\": %.6g, "
+           "\"tokens_per_s\": %.6g}",
+           i ? "," : "", P->policy, (double)P->keep_ratio, P->requests,
+           P->stopped_by, P->compressed, P->not_compressed, P->prompt_tokens,
+           P->decode_tokens, P->kept_tokens, P->blocks_before, P->blocks_after,
+           P->blocks_freed, P->blocks_taken, P->blocks_before - P->blocks_after,
+           P->reserved, P->peak_used, P->final_used, P->final_free,
+           P->final_tokens, P->t_prefill, P->t_compress, P->t_decode,
+           P->t_decode > 0 ? (double)P->decode_tokens / P->t_decode : 0.0);
+  }
+  printf("\n]}\n");
+}
+
+static void print_table(const run *R, const options *o, const char *backend,
+                        const char *why, const pass *runs, int n_runs) {
+  pvl_stats s;
+  pvl_cache_get_stats(R->cache, &s);
+  printf("libpagedvl %u.%u.%u  batched_decode\n", PVL_VERSION_MAJOR,
+         PVL_VERSION_MINOR, PVL_VERSION_PATCH);
+  if (o->backend == PVL_BACKEND_AUTO)
+    printf("  %-16s %s (auto%s%s)\n", "backend", backend, why[0] ? ": " : "",
+           why);
+  else
+    printf("  %-16s %s (--backend %s)\n", "backend", backend, backend);
+  printf("  %-16s %s, %u layers, %u q / %u kv heads, head_dim %u, "
+         "block %u\n",
+         "model", dtype_name(R->dt), R->L, R->hq, R->hkv, R->d, R->bs);
+  printf("  %-16s %u blocks (%.1f MiB)\n", "pool", R->num_blocks,
+         (double)s.pool_bytes / 1048576.0);
+  printf("  %-16s %u tokens (%lld visual + %lld text) = %" PRIu64
+         " blocks; %" PRIu64 " with its %u decode steps\n",
+         "request", R->n_prompt, o->visual, o->text, R->prompt_blocks,
+         R->life_blocks, R->steps);
+  printf("\n  %-34s", "");
+  for (int i = 0; i < n_runs; i++) {
+    char head[32];
+    if (strcmp(runs[i].policy, "none"))
+      snprintf(head, sizeof(head), "%s %.2f", runs[i].policy,
+               (double)runs[i].keep_ratio);
+    else
+      snprintf(head, sizeof(head), "none");
+    printf(" %14s", head);
+  }
+  printf("\n");
+  char b[64];
+#define ROW(label, fmt_expr)                                                   \
+  do {                                                                         \
+    printf("  %-34s", label);                                                  \
+    for (int i = 0; i < n_runs; i++) {                                         \
+      const pass *P = &runs[i];                                                \
+      const int comp = strcmp(P->policy, "none") != 0;                         \
+      (void)comp;                                                              \
+      printf(" %14s", (fmt_expr));                                             \
+    }                                                                          \
+    printf("\n");                                                              \
+  } while (0)
+  ROW("requests admitted", cell_u(b, sizeof(b), 1, P->requests));
+  ROW("prompts compressed", cell_u(b, sizeof(b), comp, P->compressed));
+  ROW("keep ratio realised",
+      (comp && P->compressed
+           ? (snprintf(b, sizeof(b), "%.3f", P->keep_ratio_sum / P->compressed),
+              b)
+           : "-"));
+  ROW("net blocks saved per request",
+      (comp && P->compressed
+           ? (snprintf(b, sizeof(b), "%.1f",
+                       (double)(P->blocks_before - P->blocks_after) /
+                           P->compressed),
+              b)
+           : "0"));
+  ROW("blocks in use, peak", cell_u(b, sizeof(b), 1, P->peak_used));
+  ROW("blocks in use, end", cell_u(b, sizeof(b), 1, P->final_used));
+  ROW("prompt tokens", cell_u(b, sizeof(b), 1, P->prompt_tokens));
+  ROW("decode tokens", cell_u(b, sizeof(b), 1, P->decode_tokens));
+  ROW("prefill writes (s)", (snprintf(b, sizeof(b), "%.3f", P->t_prefill), b));
+  ROW("observe + compress (s)",
+      (comp ? (snprintf(b, sizeof(b), "%.3f", P->t_compress), b) : "-"));
+  ROW("decode (s)", (snprintf(b, sizeof(b), "%.3f", P->t_decode), b));
+  ROW("decode tokens per second",
+      (snprintf(b, sizeof(b), "%.0f",
+                P->t_decode > 0 ? (double)P->decode_tokens / P->t_decode : 0.0),
+       b));
+  ROW("plan bytes per step (mean)",
+      (snprintf(b, sizeof(b), "%.0f",
+                R->steps > 1 ? (double)P->plan_sum / (R->steps - 1) : 0.0),
+       b));
+  ROW("output checksum", (snprintf(b, sizeof(b), "%.6e", P->checksum), b));
+#undef ROW
+  printf("\n");
+  for (int i = 0; i < n_runs; i++)
+    printf("  %s: admission stopped: %s\n", runs[i].policy, runs[i].stopped_by);
+  const pass *none = &runs[0];
+  for (int i = 1; i < n_runs; i++) {
+    const pass *P = &runs[i];
+    printf("  %s: %u requests where no compression admits %u (%.1fx); "
+           "blocks %" PRIu64 " -> %" PRIu64 " over %u compressed prompts "
+           "(%" PRIu64 " went back to the pool, %" PRIu64
+           " fresh ones gathered the kept tokens)\n",
+           P->policy, P->requests, none->requests,
+           none->requests ? (double)P->requests / none->requests : 0.0,
+           P->blocks_before, P->blocks_after, P->compressed, P->blocks_freed,
+           P->blocks_taken);
+    if (P->not_compressed)
+      printf("  %s: %u prompts stayed uncompressed: compaction found no "
+             "free blocks to gather into\n",
+             P->policy, P->not_compressed);
+    if (P->fallback)
+      printf("  %s: %u requests had no post-vision window and observed the "
+             "last prompt tokens instead\n",
+             P->policy, P->fallback);
+    if (P->compressed == 0) continue;
+    /* Per-layer budgets of the first request: sparsity-aware policies give
+     * dense layers more tokens. */
+    printf("  %s: per-layer budget of the first request (of %u prompt "
+           "tokens):\n",
+           P->policy, R->n_prompt);
+    uint32_t max_b = 1;
+    for (uint32_t l = 0; l < R->L; l++)
+      if (R->layer_budget[l] > max_b) max_b = R->layer_budget[l];
+    for (uint32_t l = 0; l < R->L; l++) {
+      char bar[41];
+      uint32_t w = (uint32_t)((uint64_t)R->layer_budget[l] * 40 / max_b);
+      memset(bar, '#', w);
+      bar[w] = '\0';
+      printf("    layer %3u  density %.3f  keep %6u  %s\n", l,
+             (double)R->layer_density[l], R->layer_budget[l], bar);
+    }
+  }
+}
+
+int main(int argc, char **argv) {
+  int rc = EXIT_FAILURE;
+  options opt;
+  int parsed = parse_args(argc, argv, &opt);
+  if (parsed != 0) return parsed > 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+
+  pvl_cache *cache = NULL;
+  run R;
+  memset(&R, 0, sizeof(R));
+  pass runs[2];
+  int n_runs = 0;
+  pvl_policy policy;
+  char why[512];
+
+  if (pvl_version() / 10000 != PVL_VERSION / 10000) { /* SONAME major */
+    fprintf(stderr, "batched_decode: built against libpagedvl %d, loaded %u\n",
+            PVL_VERSION, pvl_version());
+    return EXIT_FAILURE;
+  }
+
+  /* 1. The cache, on the backend AUTO picks for this shape and dtype. */
+  CHECK(make_cache(&opt, &cache, why, sizeof(why)));
+  pvl_config cfg;
+  CHECK(pvl_cache_config(cache, &cfg)); /* backend resolved, pool sized */
+  R.cache = cache;
+  R.be = cfg.backend;
+  if (!buffers_supported(R.be)) {
+    fputs(k_no_cuda, stderr);
+    goto cleanup;
+  }
+  const char *backend = R.be == PVL_BACKEND_CUDA ? "cuda" : "cpu";
+  R.dt = cfg.dtype;
+  R.L = cfg.num_layers;
+  R.hq = cfg.num_q_heads;
+  R.hkv = cfg.num_kv_heads;
+  R.d = cfg.head_dim;
+  R.bs = cfg.block_size;
+  R.num_blocks = cfg.num_blocks;
+  R.seed = (uint64_t)opt.seed;
+  R.esz = pvl_dtype_size(R.dt);
+  const uint64_t n_prompt64 = (uint64_t)(opt.visual + opt.text);
+  if (n_prompt64 == 0 || n_prompt64 + (uint64_t)opt.steps > UINT32_MAX) {
+    fprintf(stderr, "batched_decode: --visual + --text must be >= 1 and, "
+                    "with --steps, fit in 32 bits\n");
+    goto cleanup;
+  }
+  R.n_prompt = (uint32_t)n_prompt64;
+  R.steps = (uint32_t)opt.steps;
+  if (strcmp(opt.policy, "none") != 0) {
+    pvl_policy_kind kind;
+    CHECK(pvl_policy_parse(opt.policy, &kind));
+    CHECK(pvl_policy_init(&policy, kind));
+    if (opt.keep > 0.0) policy.keep_ratio = (float)opt.keep;
+  }
+
+  /* 2. What fits, before any data is made: one request alone must fit the
+   *    pool with its decode steps. */
+  pvl_admit admit;
+  CHECK(pvl_can_add(cache, R.n_prompt, &admit));
+  CHECK(pvl_blocks_for_prompt(cache, R.n_prompt, &R.prompt_blocks));
+  CHECK(pvl_blocks_for_prompt(cache, R.n_prompt + R.steps, &R.life_blocks));
+  if (admit == PVL_ADMIT_NEVER || R.life_blocks > R.num_blocks) {
+    fprintf(stderr,
+            "batched_decode: one request of %u tokens needs %" PRIu64
+            " blocks (%" PRIu64 " with its %u decode steps); the pool has "
+            "%u: raise --blocks or lower --visual/--text/--steps\n",
+            R.n_prompt, R.prompt_blocks, R.life_blocks, R.steps, R.num_blocks);
+    goto cleanup;
+  }
+
+  /* 3. Data. Random elements in backend memory, with a host copy (the
+   *    observation queries are built from the keys); every K, V and Q of
+   *    the runs is a window into them at a varying offset. The pool holds
+   *    one request's prompt (queries are the widest rows). */
+  R.row_kv = (size_t)R.hkv * R.d;
+  R.row_q = (size_t)R.hq * R.d;
+  R.wrap = 64 * R.row_q; /* offsets cycle through this */
+  const size_t n_prefill = (size_t)R.n_prompt * R.row_q + R.wrap;
+  R.prefill_buf = buf_alloc(R.be, n_prefill * R.esz);
+  R.prefill_host = malloc(n_prefill * R.esz);
+  /* The widest window any policy observes is the whole prompt (H2O). */
+  R.qwin = buf_alloc(R.be, (size_t)R.n_prompt * R.row_q * R.esz);
+  R.qwin_host =
+      malloc((size_t)R.n_prompt * R.row_q * R.esz + R.d * sizeof(float));
+  R.max_req = cfg.max_seqs;
+  if (opt.requests > 0 && (uint64_t)opt.requests < R.max_req)
+    R.max_req = (uint32_t)opt.requests;
+  R.ids = malloc((size_t)R.max_req * sizeof(*R.ids));
+  R.layer_budget = calloc(R.L, sizeof(*R.layer_budget));
+  R.layer_density = calloc(R.L, sizeof(*R.layer_density));
+  if (!R.prefill_buf || !R.prefill_host || !R.qwin || !R.qwin_host || !R.ids ||
+      !R.layer_budget || !R.layer_density) {
+    fprintf(stderr, "batched_decode: cannot allocate %zu bytes of data\n",
+            2 * n_prefill * R.esz);
+    goto cleanup;
+  }
+  uint64_t rng = R.seed;
+  for (size_t i = 0; i < n_prefill; i++)
+    store_elem(R.dt, R.prefill_host, i, rng_float(&rng));
+  if (buf_upload(R.be, R.prefill_buf, R.prefill_host, n_prefill * R.esz) != 0)
+    goto cleanup;
+  /* A LLaVA prompt: a short system prefix, the image, then the question. */
+  const uint32_t prefix = opt.text < 5 ? (uint32_t)opt.text : 5;
+  R.image = (pvl_span){prefix, prefix + (uint32_t)opt.visual};
+  R.n_spans = opt.visual > 0 ? 1 : 0;
+
+  /* 4. The runs: no compression, then the policy, on the same pool. */
+  if (run_pass(&R, NULL, &runs[n_runs++]) != 0) goto cleanup;
+  if (strcmp(opt.policy, "none") != 0 &&
+      run_pass(&R, &policy, &runs[n_runs++]) != 0)
+    goto cleanup;
+
+  /* 5. Report. */
+  if (opt.json)
+    print_json(&R, backend, why, runs, n_runs);
+  else
+    print_table(&R, &opt, backend, why, runs, n_runs);
+  rc = EXIT_SUCCESS;
+
+cleanup:
+  pvl_cache_destroy(cache);
+  free(R.layer_budget);
+  free(R.layer_density);
+  free(R.qwin_host);
+  buf_free(R.be, R.qwin);
+  buf_free(R.be, R.prefill_buf);
+  free(R.prefill_host);
+  free(R.ids);
   return rc;
 }
