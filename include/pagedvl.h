@@ -468,7 +468,7 @@ PVL_API pvl_status pvl_attention_decode(pvl_plan *plan, uint32_t layer,
  *      layers, selection per layer, compaction; emptied blocks return to the
  *      pool at once.
  *
- * Formulas (notation of DESIGN.md section 5: prompt length m, L layers,
+ * Formulas (notation of docs/design.md section 5: prompt length m, L layers,
  * keep ratio alpha, H query heads, window rows i at positions P_i):
  * - Attention of a row: A_ij = softmax_j(scale * q_i . k_j) over the keys
  *   the row sees (key position <= P_i: causal), per query head.

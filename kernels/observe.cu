@@ -1,4 +1,4 @@
-/* Observation kernels (DESIGN.md section 5) and their launcher: per (row,
+/* Observation kernels (docs/design.md section 5) and their launcher: per (row,
  * query head) softmax statistics against a paged K table (pass 1), then per
  * key attention sums, seen counts and per head threshold counts (pass 2).
  * Owns pvlk_observe and pvlk_observe_workspace_bytes. */

@@ -138,7 +138,7 @@ pvl_status pvlk_attention_decode(const void *storage, const pvl_kv_geom *g,
 size_t pvlk_observe_workspace_bytes(uint32_t n_rows, int32_t num_q_heads);
 
 /* Observation of n_rows query rows of one (sequence, layer) table
- * (DESIGN.md section 5): q is [n_rows][num_q_heads][head_dim] in g->dtype,
+ * (docs/design.md section 5): q is [n_rows][num_q_heads][head_dim] in g->dtype,
  * row i at logical position first_pos + i; key j lives in block
  * block_ids[j / block_size], slot j % block_size, at logical position
  * key_pos[j] (device array, ascending) or j when key_pos is NULL; a row sees

@@ -274,7 +274,7 @@ static pvl_status cpu_attention(pvl_plan *p, uint32_t layer, const void *q,
   return PVL_SUCCESS;
 }
 
-/* Reference observation (DESIGN.md section 5, Eq. 1-2 and the scores).
+/* Reference observation (docs/design.md section 5, Eq. 1-2 and the scores).
  * For each KV head, a tile of query rows of every head of the group runs
  * two passes over the keys the rows see: pass 1 keeps each row's running
  * max and sum of exponentials (online, sums in double), pass 2 recomputes
