@@ -91,6 +91,15 @@ foreach(i RANGE ${last})
     check(${v} EQUAL ${requests} "${ctx}: compressed + not compressed = requests")
     check(${requests} GREATER_EQUAL ${none_requests}
           "${ctx}: admitted fewer requests than without compression")
+    # --keep applies to the compared policy, also when --policy is not given.
+    if(ARGS MATCHES "--keep[ =]([0-9.]+)")
+      set(keep_asked ${CMAKE_MATCH_1})
+      # From the text, as printed (string(JSON) would reformat the float).
+      string(REGEX MATCHALL "\"keep_ratio\": [0-9.e+-]+" ratios "${out}")
+      list(GET ratios ${i} keep_ratio)
+      string(REGEX REPLACE ".* " "" keep_ratio "${keep_ratio}")
+      check("${keep_ratio}" STREQUAL "${keep_asked}" "${ctx}: keep ratio")
+    endif()
   endif()
 endforeach()
 message(STATUS "batched_decode ${ARGS}: the totals add up")
