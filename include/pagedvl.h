@@ -162,6 +162,145 @@ typedef struct pvl_allocator {
   void *ctx;
 } pvl_allocator;
 
+/* ------------------------------------------------------------------------ */
+/* Several ranks: communicators                                             */
+/* ------------------------------------------------------------------------ */
+/*
+ * One model's cache may be spread over several ranks (one per GPU, or one
+ * per thread on the CPU backend), split by layers (pipeline) or by KV heads
+ * (tensor parallel); see pvl_config.split. The ranks talk through a
+ * pvl_comm: NCCL for real runs across GPUs, or an in-process communicator
+ * of N ranks over threads, a test double for the CPU backend and the tests,
+ * never the engine of a real multi-GPU run.
+ *
+ * Collective calls. In a cache with a communicator, the calls marked
+ * COLLECTIVE below must be made by every rank of the communicator, on its
+ * own cache, in the same order, with the same arguments apart from the
+ * rank's own data (K/V/Q) and layer indices. Each one first does its local
+ * checks and preparation, then the ranks exchange a status: if any rank
+ * failed, every rank returns an error (the failing rank's status; the
+ * message names the rank and its reason) and no rank changes anything.
+ * Only a device error after that agreement (a failing kernel or copy) can
+ * leave the ranks apart, as it leaves a single cache damaged.
+ *
+ *   call                        split by layers     split by heads
+ *   pvl_cache_create            COLLECTIVE          COLLECTIVE
+ *   pvl_seq_add, pvl_seq_fork,
+ *   pvl_seq_append              COLLECTIVE          COLLECTIVE
+ *   pvl_can_add                 COLLECTIVE (the     COLLECTIVE
+ *                               worst answer of
+ *                               all ranks)
+ *   pvl_compress                COLLECTIVE          COLLECTIVE
+ *   pvl_seq_retain              local               COLLECTIVE
+ *   pvl_decode_cap              local               COLLECTIVE when the
+ *                                                   layer exceeds the cap
+ *                                                   (the same on all ranks)
+ *   pvl_seq_free                local, but call it on every rank
+ *   everything else             local (kv_write, observe, plans, attention,
+ *                               queries, destroy)
+ *
+ * Cost: one small exchange per collective call (a status and a 64-bit
+ * fingerprint of the arguments per rank; on NCCL a few microseconds of
+ * all-gather plus a host synchronization, so one per decode step for
+ * pvl_seq_append); pvl_compress also exchanges the observation statistics
+ * (split by layers: one float per layer; by heads: the per-key attention
+ * sums, 8 bytes per prompt token per layer, and two 8-byte counts per
+ * query head per layer).
+ *
+ * Out-of-order calls: every collective call begins with the same
+ * fixed-size exchange, which carries the call's name, so ranks that call
+ * different collectives get PVL_ERR_BAD_STATE ("collective order
+ * mismatch: rank 0 called pvl_seq_append while rank 1 called
+ * pvl_compress"), and ranks that pass different arguments (or hold
+ * different sequences) get BAD_STATE "ranks disagree". The in-process
+ * communicator also tags every exchange with a sequence number. What
+ * cannot be detected: a collective that some ranks never call; the others
+ * wait for it forever (NCCL: until its own timeout, if one is set).
+ *
+ * Indices: layer indices in every call are the cache's own (local): 0 ..
+ * num_layers - 1 of this rank; its global layer is layer_begin + local.
+ * Head-split tensors (K/V of pvl_kv_write, Q of pvl_observe and
+ * pvl_attention_decode, outputs) hold this rank's heads only: KV heads
+ * [kv_head_begin, kv_head_begin + num_kv_heads) and the query heads of
+ * those groups, in model order. Budgets (pvl_compress_report.budget) are
+ * per local layer, computed over the whole model.
+ *
+ * Threads: a collective blocks its caller until every rank has joined, so
+ * the collective calls of different ranks come from different threads (one
+ * thread per rank). Non-collective calls of several ranks' caches may come
+ * from one thread: each call makes its cache's device current and restores
+ * the caller's. One thread driving all ranks' collectives (NCCL group
+ * calls) is not supported yet.
+ */
+
+typedef struct pvl_comm pvl_comm;
+
+/* Bytes of an NCCL unique id (NCCL_UNIQUE_ID_BYTES). */
+#define PVL_COMM_ID_BYTES 128
+
+/* NCCL's ncclGetUniqueId into id[0..PVL_COMM_ID_BYTES): make it on one
+ * rank and send it to the others (MPI, a file, a socket). UNSUPPORTED when
+ * the library was built without NCCL. */
+PVL_API pvl_status pvl_comm_unique_id(void *id);
+
+/* Creates rank `rank` of `nranks` over NCCL (ncclCommInitRank) on CUDA
+ * device `device`; the library owns the NCCL communicator and destroys it
+ * in pvl_comm_destroy. COLLECTIVE over the nranks processes or threads, as
+ * ncclCommInitRank is. Fails with UNSUPPORTED (no NCCL in this build),
+ * NO_DEVICE, NCCL (with NCCL's message), INVALID_ARGUMENT. The collectives
+ * run on a stream the communicator creates on `device`, and the host waits
+ * for them: their data are host-side statistics and statuses. */
+PVL_API pvl_status pvl_comm_create_nccl(const void *unique_id, int32_t rank,
+                                        int32_t nranks, int32_t device,
+                                        pvl_comm **out);
+
+/* Adopts an ncclComm_t the caller already has (a serving stack's or
+ * PyTorch's), passed as void *: rank and size are NCCL's
+ * (ncclCommUserRank, ncclCommCount), the device must be the NCCL
+ * communicator's (ncclCommCuDevice; -1 = take it from NCCL). The library
+ * never destroys the NCCL communicator; keep it alive until
+ * pvl_comm_destroy. Our collectives run on a stream of our own on that
+ * device, host-synchronized, so they never queue behind the caller's
+ * streams; the caller must not run its own collectives on the same NCCL
+ * communicator concurrently with ours (NCCL requires one order of
+ * operations per communicator). */
+PVL_API pvl_status pvl_comm_adopt_nccl(void *nccl_comm, int32_t device,
+                                       pvl_comm **out);
+
+/* An in-process communicator of `nranks` ranks (1..1024) for the CPU
+ * backend and tests: out[0..nranks) receives rank i's handle. Each rank's
+ * collective calls must come from its own thread. Not for real runs across
+ * GPUs (use NCCL). Destroy every handle (the last one frees the shared
+ * state). */
+PVL_API pvl_status pvl_comm_create_local(uint32_t nranks, pvl_comm **out);
+
+PVL_API pvl_status pvl_comm_rank(const pvl_comm *comm, int32_t *rank);
+PVL_API pvl_status pvl_comm_size(const pvl_comm *comm, int32_t *size);
+
+/* Frees the handle (NULL is accepted). Caches made with it must be
+ * destroyed first. An owned NCCL communicator is destroyed
+ * (ncclCommDestroy), an adopted one is not. Local. */
+PVL_API pvl_status pvl_comm_destroy(pvl_comm *comm);
+
+/* The even split of `total` items over `nranks`: rank r gets
+ * [total * r / nranks, total * (r + 1) / nranks). Pure function; what the
+ * cache uses when num_layers (split by layers) or num_kv_heads (by heads)
+ * is 0. */
+PVL_API pvl_status pvl_split_range(uint32_t total, uint32_t nranks,
+                                   uint32_t rank, uint32_t *begin,
+                                   uint32_t *count);
+
+typedef enum pvl_split {
+  PVL_SPLIT_NONE = 0,   /* one rank holds the whole model (comm may be
+                           NULL) */
+  PVL_SPLIT_LAYERS = 1, /* rank r holds layers [layer_begin, layer_begin +
+                           num_layers) of model_num_layers, all heads */
+  PVL_SPLIT_HEADS = 2   /* rank r holds KV heads [kv_head_begin,
+                           kv_head_begin + num_kv_heads) of
+                           model_num_kv_heads, and their query heads, of
+                           every layer */
+} pvl_split;
+
 /* Cache configuration. Initialize with pvl_config_init(), then set fields:
  * `size` lets fields be added later without breaking the ABI. */
 typedef struct pvl_config {
@@ -182,6 +321,24 @@ typedef struct pvl_config {
                            default 0.9 */
   uint32_t max_seqs;    /* live sequences at most; default 4096 */
   const pvl_allocator *allocator; /* NULL = default; must outlive the cache */
+  /* Several ranks (see "Several ranks" above). With comm = NULL and split
+   * NONE the cache is a single rank, as before. */
+  pvl_comm *comm;       /* must outlive the cache; NULL = single rank */
+  pvl_split split;      /* default PVL_SPLIT_NONE; NONE with a comm of
+                           size > 1 is INVALID_ARGUMENT */
+  uint32_t model_num_layers; /* LAYERS: layers of the whole model. Set
+                           num_layers = 0 for the even split
+                           (pvl_split_range), else layer_begin and
+                           num_layers give this rank's range; the ranges
+                           must tile [0, model_num_layers) */
+  uint32_t layer_begin;
+  uint32_t model_num_kv_heads; /* HEADS: KV heads of the whole model. Set
+                           num_kv_heads = 0 and num_q_heads = the model's
+                           query heads for the even split, else
+                           kv_head_begin, num_kv_heads and num_q_heads (this
+                           rank's) give the range; every rank keeps the
+                           model's GQA ratio */
+  uint32_t kv_head_begin;
 } pvl_config;
 
 /* Fills `cfg` with defaults and sets cfg->size. Geometry fields are zero and
@@ -199,7 +356,12 @@ typedef struct pvl_cache pvl_cache;
  * elements, laid out [K|V][kv_head][slot][head_dim]) and the host metadata.
  * Fails with INVALID_ARGUMENT (bad geometry or a size that overflows),
  * UNSUPPORTED (backend or shape not built/supported), NO_DEVICE, NO_MEMORY;
- * on failure *out is untouched and nothing is leaked. */
+ * on failure *out is untouched and nothing is leaked.
+ * With a communicator: COLLECTIVE. The ranks check that they agree on
+ * everything but their own range (split, model geometry, dtype, block
+ * size, num_blocks, max_seqs, backend) and that the ranges tile the model;
+ * if any rank fails, every rank fails (BAD_STATE "ranks disagree" for a
+ * mismatch, else the failing rank's status) and no rank keeps a cache. */
 PVL_API pvl_status pvl_cache_create(const pvl_config *cfg, pvl_cache **out);
 
 /* Frees the cache, its pool, its sequences and the plans still made from
@@ -242,18 +404,22 @@ typedef struct pvl_span {
  * [0, n_prompt)); it may be NULL when n_visual = 0. The slots hold garbage
  * until written with pvl_kv_write. The sequence's next logical position is
  * n_prompt. Fails with OUT_OF_BLOCKS (pool), CAPACITY (max_seqs live),
- * INVALID_ARGUMENT, NO_MEMORY. */
+ * INVALID_ARGUMENT, NO_MEMORY.
+ * With a communicator: COLLECTIVE; every rank admits or none does, and the
+ * ids agree across ranks (same calls, same ids). */
 PVL_API pvl_status pvl_seq_add(pvl_cache *cache, uint32_t n_prompt,
                                const pvl_span *visual, uint32_t n_visual,
                                pvl_seq_id *out);
 
 /* Releases the sequence: every block whose refcount drops to zero returns
- * to the pool. */
+ * to the pool. Local, but with a communicator call it on every rank (it
+ * cannot fail for a live id, so no exchange is needed). */
 PVL_API pvl_status pvl_seq_free(pvl_cache *cache, pvl_seq_id seq);
 
 /* Makes a child that shares every block of `parent` (refcounts rise; no
  * data is copied). A later append to either side copies a shared partial
- * last block first (copy-on-write), so writes never leak across the fork. */
+ * last block first (copy-on-write), so writes never leak across the fork.
+ * With a communicator: COLLECTIVE (all ranks fork or none). */
 PVL_API pvl_status pvl_seq_fork(pvl_cache *cache, pvl_seq_id parent,
                                 pvl_seq_id *child);
 
@@ -261,7 +427,10 @@ PVL_API pvl_status pvl_seq_fork(pvl_cache *cache, pvl_seq_id parent,
  * decode token), taking a new block where a layer's last block is full and
  * copying a shared partial last block (copy-on-write; device copies go on
  * `stream`). All or nothing: if the pool cannot serve the whole batch,
- * returns OUT_OF_BLOCKS and changes nothing. A sequence may appear once. */
+ * returns OUT_OF_BLOCKS and changes nothing. A sequence may appear once.
+ * With a communicator: COLLECTIVE; if any rank cannot serve the batch
+ * (split by layers, ranks hold different numbers of layers), every rank
+ * returns that rank's OUT_OF_BLOCKS and none appends. */
 PVL_API pvl_status pvl_seq_append(pvl_cache *cache, const pvl_seq_id *seqs,
                                   uint32_t n, void *stream);
 
@@ -275,7 +444,9 @@ PVL_API pvl_status pvl_seq_append(pvl_cache *cache, const pvl_seq_id *seqs,
  * another sequence shares); fails with OUT_OF_BLOCKS otherwise. This is the
  * compaction step of compression, public so a stack with its own scores can
  * use it. The logical positions of the kept tokens are remembered
- * (pvl_seq_positions). n_keep = 0 empties the layer. */
+ * (pvl_seq_positions). n_keep = 0 empties the layer.
+ * Split by heads: COLLECTIVE (the tables stay identical on all ranks).
+ * Split by layers: local (the layer lives on this rank only). */
 PVL_API pvl_status pvl_seq_retain(pvl_cache *cache, pvl_seq_id seq,
                                   uint32_t layer, const uint32_t *keep,
                                   uint32_t n_keep, void *stream);
@@ -330,12 +501,16 @@ typedef enum pvl_admit {
   PVL_ADMIT_NEVER = 2  /* larger than the whole pool */
 } pvl_admit;
 
-/* Whether pvl_seq_add(n_prompt) would find its blocks. */
+/* Whether pvl_seq_add(n_prompt) would find its blocks. With a
+ * communicator: COLLECTIVE, the worst answer over the ranks (NEVER over
+ * LATER over OK), so a scheduler that admits on OK finds pvl_seq_add
+ * succeed on every rank. */
 PVL_API pvl_status pvl_can_add(const pvl_cache *cache, uint32_t n_prompt,
                                pvl_admit *out);
 
 /* Blocks pvl_seq_add(n_prompt) reserves: num_layers * ceil(n/block_size);
- * n_prompt = 0 is INVALID_ARGUMENT, as for pvl_seq_add. */
+ * n_prompt = 0 is INVALID_ARGUMENT, as for pvl_seq_add. Local: this rank's
+ * layers (pvl_blocks_for_append too). */
 PVL_API pvl_status pvl_blocks_for_prompt(const pvl_cache *cache,
                                          uint32_t n_prompt, uint64_t *out);
 
@@ -652,7 +827,15 @@ typedef struct pvl_compress_report {
  * (pvl_seq_retain) and release of the emptied blocks. A sequence is
  * compressed once (BAD_STATE after). All layers or none: if a layer cannot
  * be compacted (OUT_OF_BLOCKS: compaction gathers into fresh blocks, at
- * most the final block count) nothing is changed. `report` may be NULL. */
+ * most the final block count) nothing is changed. `report` may be NULL.
+ * With a communicator: COLLECTIVE. Split by layers: the per-layer
+ * densities of all ranks are gathered, so the budgets equal those of one
+ * cache holding every layer; each rank compacts its layers with the
+ * budgets of their global indices. Split by heads: the per-key attention
+ * sums are summed over ranks and the per-head threshold counts gathered in
+ * model head order, so every rank keeps exactly the same tokens (equal to
+ * one cache over all heads away from exact score ties: the sums add in
+ * another order). The report covers this rank's (local) layers. */
 PVL_API pvl_status pvl_compress(pvl_cache *cache, pvl_seq_id seq,
                                 const pvl_policy *policy,
                                 pvl_compress_report *report, void *stream);
@@ -663,7 +846,9 @@ PVL_API pvl_status pvl_compress(pvl_cache *cache, pvl_seq_id seq,
  * and decoded), keeping the recent ceil(recent_ratio * budget) and the top
  * scores of the layer's observation (observe the recent decode queries
  * first: BAD_STATE without one). *did = 1 if it recompressed, 0 if the
- * layer was within the cap. */
+ * layer was within the cap. Split by heads: COLLECTIVE when the layer
+ * exceeds the cap (its length is the same on every rank): the scores are
+ * summed over ranks, so all keep the same tokens. Split by layers: local. */
 PVL_API pvl_status pvl_decode_cap(pvl_cache *cache, pvl_seq_id seq,
                                   uint32_t layer, const pvl_policy *policy,
                                   uint32_t *did, void *stream);

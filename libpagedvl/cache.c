@@ -143,6 +143,8 @@ static pvl_status check_config(const pvl_config *cfg) {
                (double)cfg->memory_fraction);
   if (cfg->allocator && (!cfg->allocator->alloc || !cfg->allocator->free))
     return BAD("allocator has a NULL alloc or free function");
+  if (!cfg->comm && cfg->split != PVL_SPLIT_NONE)
+    return BAD("split = %d needs a communicator (cfg->comm)", (int)cfg->split);
   return PVL_SUCCESS;
 #undef BAD
 }
@@ -260,9 +262,8 @@ static pvl_status create_on(const pvl_config *cfg, const pvl_backend_ops *be,
   return PVL_SUCCESS;
 }
 
-pvl_status pvl_cache_create(const pvl_config *cfg, pvl_cache **out) {
-  if (!cfg || !out)
-    return PVL_FAIL(NULL, PVL_ERR_INVALID_ARGUMENT, "cfg or out is NULL");
+/* The cache of one rank (dist.c adds the agreement of a split cache). */
+static pvl_status create_local(const pvl_config *cfg, pvl_cache **out) {
   pvl_status st = check_config(cfg);
   if (st != PVL_SUCCESS) return st;
   const pvl_backend_ops *be = NULL;
@@ -283,10 +284,20 @@ pvl_status pvl_cache_create(const pvl_config *cfg, pvl_cache **out) {
   return st;
 }
 
+pvl_status pvl_cache_create(const pvl_config *cfg, pvl_cache **out) {
+  if (!cfg || !out)
+    return PVL_FAIL(NULL, PVL_ERR_INVALID_ARGUMENT, "cfg or out is NULL");
+  /* The communicator field exists only in a config of this size. */
+  if (cfg->size == sizeof(pvl_config) && cfg->comm)
+    return pvl__dist_cache_create(cfg, out, create_local);
+  return create_local(cfg, out);
+}
+
 pvl_status pvl_cache_destroy(pvl_cache *c) {
   if (!c) return PVL_SUCCESS;
   pvl__plan_destroy_all(c);
   pvl__seq_free_all(c);
+  pvl__dist_free(c);
   c->be->fini(c);
   cache_free_meta(c);
   return PVL_SUCCESS;

@@ -126,15 +126,20 @@ pvl_status pvl_observe(pvl_cache *c, pvl_seq_id id, uint32_t layer,
   return PVL_SUCCESS;
 }
 
-/* gamma_l of an observation: mean over heads of below / total. */
-static double obs_gamma(const pvl_cache *c, const pvl_obs *o, float *per_head) {
+double pvl__gamma(const uint64_t *below, const uint64_t *total, uint32_t H,
+                  float *per_head) {
   double sum = 0.0;
-  for (uint32_t h = 0; h < c->cfg.num_q_heads; h++) {
-    double g = o->total[h] ? (double)o->below[h] / (double)o->total[h] : 0.0;
+  for (uint32_t h = 0; h < H; h++) {
+    double g = total[h] ? (double)below[h] / (double)total[h] : 0.0;
     if (per_head) per_head[h] = (float)g;
     sum += g;
   }
-  return sum / c->cfg.num_q_heads;
+  return sum / H;
+}
+
+/* gamma_l of an observation: mean over heads of below / total. */
+static double obs_gamma(const pvl_cache *c, const pvl_obs *o, float *per_head) {
+  return pvl__gamma(o->below, o->total, c->cfg.num_q_heads, per_head);
 }
 
 pvl_status pvl_seq_observation(const pvl_cache *c, pvl_seq_id id,
@@ -184,9 +189,9 @@ static void obs_scores(const pvl_policy *p, const pvl_obs *o, uint32_t m,
  * upload of the scores, one download of the kept indices); the recent
  * window, sinks and the unscored policies are placed here. */
 static pvl_status select_layers(pvl_cache *c, const pvl_policy *p,
-                                   const pvl_seq *s, const uint32_t *budget,
-                                   uint32_t *keep, const uint64_t *koff,
-                                   void *stream) {
+                                const pvl_seq *s, pvl_obs *const *obs,
+                                const uint32_t *budget, uint32_t *keep,
+                                const uint64_t *koff, void *stream) {
   const uint32_t L = c->cfg.num_layers, m = s->n_prompt;
   if (!policy_scored(p)) {
     /* full and streaming: positions only, nothing to rank. */
@@ -228,7 +233,7 @@ static pvl_status select_layers(pvl_cache *c, const pvl_policy *p,
     if (k >= m) continue;
     const uint32_t r = pvl__policy_recent(p, m, k);
     /* The transform needs all m keys; the first m - r compete. */
-    obs_scores(p, s->obs[l], m, raw_tmp, full);
+    obs_scores(p, obs[l], m, raw_tmp, full);
     memcpy(sc + so, full, (size_t)(m - r) * sizeof(float));
     seg_off[n_seg] = so;
     n_top[n_seg] = (int32_t)(k - r);
@@ -266,35 +271,37 @@ static pvl_status select_layers(pvl_cache *c, const pvl_policy *p,
   return PVL_SUCCESS;
 }
 
-pvl_status pvl_compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
-                        pvl_compress_report *report, void *stream) {
-  if (!c) return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache is NULL");
-  pvl_status st = pvl__policy_check(c, p, __func__);
+static pvl_status compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
+                           pvl_compress_report *report, void *stream) {
+  static const char fn[] = "pvl_compress";
+  if (!c)
+    return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn, "cache is NULL");
+  pvl_status st = pvl__policy_check(c, p, fn);
   if (st != PVL_SUCCESS) return st;
   pvl_seq *s = pvl__seq_get(c, id);
   if (!s)
-    return PVL_FAIL(c, PVL_ERR_UNKNOWN_SEQUENCE, "sequence 0x%llx is not live",
-                    (unsigned long long)id);
+    return pvl__fail(c, PVL_ERR_UNKNOWN_SEQUENCE, fn,
+                     "sequence 0x%llx is not live", (unsigned long long)id);
   if (s->compressed)
-    return PVL_FAIL(c, PVL_ERR_BAD_STATE,
-                    "sequence 0x%llx is already compressed",
-                    (unsigned long long)id);
+    return pvl__fail(c, PVL_ERR_BAD_STATE, fn,
+                     "sequence 0x%llx is already compressed",
+                     (unsigned long long)id);
   const uint32_t L = c->cfg.num_layers, m = s->n_prompt;
   const bool scored = policy_scored(p);
   uint64_t n_keep_all = 0;
   for (uint32_t l = 0; l < L; l++) {
     const pvl_table *t = &s->tables[l];
     if (t->pos || t->n_tokens < m)
-      return PVL_FAIL(c, PVL_ERR_BAD_STATE,
-                      "layer %u was retained by hand: its slots are no "
-                      "longer the prompt positions",
-                      l);
+      return pvl__fail(c, PVL_ERR_BAD_STATE, fn,
+                       "layer %u was retained by hand: its slots are no "
+                       "longer the prompt positions",
+                       l);
     const pvl_obs *o = s->obs ? s->obs[l] : NULL;
     if (scored && (!obs_valid(o, t) || o->n_rows == 0))
-      return PVL_FAIL(c, PVL_ERR_BAD_STATE,
-                      "policy %s needs an observation of every layer; layer "
-                      "%u has none (or changed since pvl_observe)",
-                      pvl_policy_name(p->kind), l);
+      return pvl__fail(c, PVL_ERR_BAD_STATE, fn,
+                       "policy %s needs an observation of every layer; layer "
+                       "%u has none (or changed since pvl_observe)",
+                       pvl_policy_name(p->kind), l);
     n_keep_all += t->n_tokens;
   }
 
@@ -308,8 +315,8 @@ pvl_status pvl_compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
   const size_t bytes = sz_p + sz_o + sz_f + sz_u + sz_k;
   char *mem = pvl__alloc(c->alloc, bytes);
   if (!mem)
-    return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "compression scratch (%zu bytes)",
-                    bytes);
+    return pvl__fail(c, PVL_ERR_NO_MEMORY, fn,
+                     "compression scratch (%zu bytes)", bytes);
   pvl_retain_prep *prep = (pvl_retain_prep *)mem;
   uint64_t *koff = (uint64_t *)(mem + sz_p);
   float *density = (float *)(mem + sz_p + sz_o);
@@ -318,15 +325,25 @@ pvl_status pvl_compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
   /* Zeroed preparations abort as no-ops, so `out` aborts them all. */
   memset(prep, 0, sz_p);
 
+  /* A split cache combines every rank's statistics first (dist.c), so the
+   * checks, budgets and selections below read the same data on every rank
+   * (split by heads: the sums over all heads; by layers: all densities). */
+  pvl_dist_stats ds;
+  st = pvl__dist_compress_stats(c, s, p, &ds, fn);
+  if (st != PVL_SUCCESS)
+    goto out;
+  pvl_obs *const *obs = ds.obs ? ds.obs : s->obs;
+  const uint32_t H = ds.obs ? c->dist->model_q_heads : c->cfg.num_q_heads;
+
   for (uint32_t l = 0; l < L; l++) {
-    const pvl_obs *o = s->obs ? s->obs[l] : NULL;
+    const pvl_obs *o = obs ? obs[l] : NULL;
     density[l] = p->kind == PVL_POLICY_VLCACHE
-                     ? (float)(1.0 - obs_gamma(c, o, NULL))
+                     ? (float)(1.0 - pvl__gamma(o->below, o->total, H, NULL))
                      : 1.0f;
   }
-  st = pvl_policy_budgets(p, L, m, density, budget);
+  st = pvl__dist_budgets(c, &ds, p, m, density, budget);
   if (st != PVL_SUCCESS) {
-    st = PVL_FAIL(c, st, "budgets: %s", pvl_create_last_error());
+    st = pvl__fail(c, st, fn, "budgets: %s", pvl_create_last_error());
     goto out;
   }
 
@@ -339,19 +356,19 @@ pvl_status pvl_compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
     off += k + (s->tables[l].n_tokens - m);
     kept_total += k;
   }
-  st = select_layers(c, p, s, budget, keep, koff, stream);
+  st = select_layers(c, p, s, obs, budget, keep, koff, stream);
   if (st != PVL_SUCCESS) goto out;
   uint64_t free_sim = c->pool.num_free;
   for (uint32_t l = 0; l < L; l++) {
     pvl_table *t = &s->tables[l];
     uint32_t n = (uint32_t)((l + 1 < L ? koff[l + 1] : off) - koff[l]);
-    st = pvl__retain_prepare(c, t, keep + koff[l], n, &prep[l], __func__);
+    st = pvl__retain_prepare(c, t, keep + koff[l], n, &prep[l], fn);
     if (st != PVL_SUCCESS) goto out;
     if (prep[l].n_new > free_sim) {
-      st = PVL_FAIL(c, PVL_ERR_OUT_OF_BLOCKS,
-                    "compacting layer %u needs %u free blocks, %llu free "
-                    "at that point",
-                    l, prep[l].n_new, (unsigned long long)free_sim);
+      st = pvl__fail(c, PVL_ERR_OUT_OF_BLOCKS, fn,
+                     "compacting layer %u needs %u free blocks, %llu free "
+                     "at that point",
+                     l, prep[l].n_new, (unsigned long long)free_sim);
       goto out;
     }
     free_sim = free_sim - prep[l].n_new + prep[l].n_freed;
@@ -364,10 +381,13 @@ pvl_status pvl_compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
     blocks_freed += prep[l].n_freed;
     blocks_taken += prep[l].n_new;
   }
+  /* A split cache commits on every rank or on none. */
+  st = pvl__dist_agree(c, PVL_SUCCESS, 0, fn);
+  if (st != PVL_SUCCESS)
+    goto out;
   for (uint32_t l = 0; l < L; l++) {
     uint32_t n = (uint32_t)((l + 1 < L ? koff[l + 1] : off) - koff[l]);
-    st = pvl__retain_commit(c, s, l, keep + koff[l], n, &prep[l], stream,
-                            __func__);
+    st = pvl__retain_commit(c, s, l, keep + koff[l], n, &prep[l], stream, fn);
     /* Only a device error fails here (the pool was checked above): layers
      * before l are then compacted, the rest are not. */
     if (st != PVL_SUCCESS) goto out;
@@ -397,22 +417,30 @@ pvl_status pvl_compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
   st = PVL_SUCCESS;
 out:
   for (uint32_t l = 0; l < L; l++) pvl__retain_abort(c, &prep[l]);
+  pvl__dist_stats_free(c, &ds);
   pvl__free(c->alloc, mem, bytes);
   return st;
 }
 
-pvl_status pvl_decode_cap(pvl_cache *c, pvl_seq_id id, uint32_t layer,
-                          const pvl_policy *p, uint32_t *did, void *stream) {
+pvl_status pvl_compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
+                        pvl_compress_report *report, void *stream) {
+  pvl__dist_begin(c, PVL_CALL_COMPRESS);
+  return pvl__dist_end(c, compress(c, id, p, report, stream));
+}
+
+static pvl_status decode_cap(pvl_cache *c, pvl_seq_id id, uint32_t layer,
+                             const pvl_policy *p, uint32_t *did, void *stream) {
+  static const char fn[] = "pvl_decode_cap";
   if (!c || !did)
-    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache or did is NULL");
-  pvl_status st = pvl__policy_check(c, p, __func__);
+    return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn, "cache or did is NULL");
+  pvl_status st = pvl__policy_check(c, p, fn);
   if (st != PVL_SUCCESS) return st;
   if (p->decode_cap == 0 || p->kind == PVL_POLICY_FULL)
-    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
-                    "decode_cap = %u with policy %s: nothing to cap",
-                    p->decode_cap, pvl_policy_name(p->kind));
+    return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn,
+                     "decode_cap = %u with policy %s: nothing to cap",
+                     p->decode_cap, pvl_policy_name(p->kind));
   pvl_seq *s = NULL;
-  st = seq_layer(c, id, layer, &s, __func__);
+  st = seq_layer(c, id, layer, &s, fn);
   if (st != PVL_SUCCESS) return st;
   pvl_table *t = &s->tables[layer];
   if (t->n_tokens <= p->decode_cap) {
@@ -425,28 +453,62 @@ pvl_status pvl_decode_cap(pvl_cache *c, pvl_seq_id id, uint32_t layer,
   const pvl_obs *o = s->obs ? s->obs[layer] : NULL;
   const bool scored = policy_scored(p);
   if (scored && (!obs_valid(o, t) || o->n_rows == 0))
-    return PVL_FAIL(c, PVL_ERR_BAD_STATE,
-                    "layer %u has no observation of recent decode queries "
-                    "(or changed since)",
-                    layer);
-  const size_t bytes = (2 * (size_t)n) * sizeof(float) + (size_t)k * 4;
-  char *mem = pvl__alloc(c->alloc, bytes);
-  if (!mem) return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "decode cap scratch");
+    return pvl__fail(c, PVL_ERR_BAD_STATE, fn,
+                     "layer %u has no observation of recent decode queries "
+                     "(or changed since)",
+                     layer);
+  /* Split by heads: the per-key sums of every rank are added first
+   * (dist.c), so every rank keeps the same tokens. */
+  pvl_obs *comb = NULL;
+  if (scored && c->dist && c->dist->call) {
+    st = pvl__dist_layer_obs(c, o, &comb, fn);
+    if (st != PVL_SUCCESS)
+      return st;
+    o = comb;
+  }
+  char *mem = NULL;
+  size_t bytes = (2 * (size_t)n) * sizeof(float) + (size_t)k * 4;
+  mem = pvl__alloc(c->alloc, bytes);
+  if (!mem) {
+    st = pvl__fail(c, PVL_ERR_NO_MEMORY, fn, "decode cap scratch");
+    goto done;
+  }
   float *raw_tmp = (float *)mem, *scores = raw_tmp + n;
   uint32_t *keep = (uint32_t *)(scores + n);
   if (scored) obs_scores(p, o, n, raw_tmp, scores);
   st = pvl__select(c->alloc, p, n, k, scores, keep);
   if (st != PVL_SUCCESS) {
-    pvl__free(c->alloc, mem, bytes);
-    return PVL_FAIL(c, st, "selection scratch");
+    st = pvl__fail(c, st, fn, "selection scratch");
+    goto done;
   }
   pvl_retain_prep prep;
-  st = pvl__retain_prepare(c, t, keep, k, &prep, __func__);
+  st = pvl__retain_prepare(c, t, keep, k, &prep, fn);
+  if (st == PVL_SUCCESS && c->dist && c->dist->call) {
+    /* Every rank recompresses or none; the commit's pool check first. */
+    if (prep.n_new > c->pool.num_free)
+      st = pvl__fail(c, PVL_ERR_OUT_OF_BLOCKS, fn,
+                     "recompressing layer %u needs %u free blocks, %u free",
+                     layer, prep.n_new, c->pool.num_free);
+    st = pvl__dist_agree(c, st, 0, fn);
+    if (st != PVL_SUCCESS)
+      pvl__retain_abort(c, &prep);
+  }
   if (st == PVL_SUCCESS)
-    st = pvl__retain_commit(c, s, layer, keep, k, &prep, stream, __func__);
-  pvl__free(c->alloc, mem, bytes);
-  if (st != PVL_SUCCESS) return st;
-  pvl__obs_drop(c, s, layer);
-  *did = 1;
-  return PVL_SUCCESS;
+    st = pvl__retain_commit(c, s, layer, keep, k, &prep, stream, fn);
+  if (st == PVL_SUCCESS) {
+    pvl__obs_drop(c, s, layer);
+    *did = 1;
+  }
+done:
+  if (mem)
+    pvl__free(c->alloc, mem, bytes);
+  if (comb)
+    pvl__dist_obs_free(c, comb);
+  return st;
+}
+
+pvl_status pvl_decode_cap(pvl_cache *c, pvl_seq_id id, uint32_t layer,
+                          const pvl_policy *p, uint32_t *did, void *stream) {
+  pvl__dist_begin(c, PVL_CALL_DECODE_CAP);
+  return pvl__dist_end(c, decode_cap(c, id, layer, p, did, stream));
 }

@@ -196,6 +196,134 @@ PVL_INTERNAL extern const pvl_backend_ops pvl__cpu_backend;
 /* NULL when the library was built without CUDA. */
 PVL_INTERNAL const pvl_backend_ops *pvl__cuda_backend(void);
 
+/* ---- communicators (comm.c, comm_nccl.c) ---- */
+
+/* Collectives on host buffers. There is one primitive, all-gather: sums
+ * over ranks are computed by every rank from the gathered terms, in rank
+ * order, so they are bit-identical on every rank whatever reduction
+ * algorithm NCCL would pick. `tag` names the exchange (the library call and
+ * its step, see dist.c) so the in-process communicator can report ranks
+ * that call collectives out of order. Failures write `msg`. */
+typedef struct pvl_comm_ops {
+  const char *name;
+  /* out[r * bytes .. (r + 1) * bytes) = rank r's in[0..bytes). */
+  pvl_status (*allgather)(pvl_comm *m, const void *in, void *out,
+                          size_t bytes, uint32_t tag, char *msg,
+                          size_t msg_len);
+  /* Makes room for exchanges of `bytes` per rank (NCCL: device scratch),
+   * called before the agreement that precedes such an exchange so that a
+   * failure here is one every rank hears of; NULL = nothing to reserve. */
+  pvl_status (*reserve)(pvl_comm *m, size_t bytes, char *msg,
+                        size_t msg_len);
+  void (*destroy)(pvl_comm *m);
+} pvl_comm_ops;
+
+struct pvl_comm {
+  const pvl_comm_ops *ops;
+  int32_t rank;
+  int32_t size;
+  int32_t device; /* CUDA device of an NCCL communicator, -1 in-process */
+  void *impl;
+};
+
+/* Name of the library call an exchange tag belongs to (dist.c). */
+PVL_INTERNAL const char *pvl__dist_tag_name(uint32_t tag);
+
+/* ---- split caches (dist.c) ---- */
+
+/* Calls that run collectives (tag = call << 8 | step). */
+enum {
+  PVL_CALL_CREATE = 1,
+  PVL_CALL_SEQ_ADD,
+  PVL_CALL_SEQ_FORK,
+  PVL_CALL_SEQ_APPEND,
+  PVL_CALL_SEQ_RETAIN,
+  PVL_CALL_CAN_ADD,
+  PVL_CALL_COMPRESS,
+  PVL_CALL_DECODE_CAP,
+  PVL_CALL_COUNT_
+};
+
+/* A cache's place in a split model. */
+typedef struct pvl_dist {
+  pvl_comm *comm;
+  pvl_split split;
+  uint32_t nranks;
+  uint32_t rank;
+  uint32_t model_layers;   /* layers of the model */
+  uint32_t model_q_heads;  /* query heads of the model */
+  uint32_t group;          /* query heads per KV head */
+  uint32_t *begin;         /* [nranks] first layer (LAYERS) or KV head
+                              (HEADS) of each rank */
+  uint32_t *count;         /* [nranks] */
+  uint32_t max_count;
+  /* The collective call in progress: pvl__dist_begin .. pvl__dist_end. */
+  uint32_t call;
+  uint32_t step;    /* exchanges made so far in this call */
+  bool settled;     /* an exchange already made every rank fail */
+  uint64_t seq;     /* collective calls made on this cache */
+} pvl_dist;
+
+/* Statistics of every rank combined, for pvl_compress (see dist.c). */
+typedef struct pvl_dist_stats {
+  pvl_obs **obs;       /* HEADS: [num_layers] combined observations
+                          (summed raw, model-order head counts), else NULL:
+                          use the sequence's own */
+  float *density_all;  /* LAYERS: d_l of every model layer, else NULL */
+  void *mem;           /* one allocation behind the arrays */
+  size_t bytes;
+} pvl_dist_stats;
+
+struct pvl_cache;
+/* pvl_cache_create with cfg->comm set: resolves the rank's range, makes
+ * the local cache with `make`, and agrees with the other ranks. */
+PVL_INTERNAL pvl_status pvl__dist_cache_create(
+    const pvl_config *cfg, pvl_cache **out,
+    pvl_status (*make)(const pvl_config *cfg, pvl_cache **out));
+PVL_INTERNAL void pvl__dist_free(pvl_cache *c);
+/* Brackets a collective call (no-ops for a single-rank cache, and for the
+ * local calls of a split, e.g. retain when split by layers). A call whose
+ * body fails on this rank before its exchanges are done joins the next
+ * one with its failure in pvl__dist_end, so the other ranks fail too. */
+PVL_INTERNAL bool pvl__dist_begin(struct pvl_cache *c, uint32_t call);
+PVL_INTERNAL pvl_status pvl__dist_end(struct pvl_cache *c, pvl_status st);
+/* An agreement point: every rank's status and fingerprint of its
+ * arguments. SUCCESS only if all succeeded with equal fingerprints. */
+PVL_INTERNAL pvl_status pvl__dist_agree(struct pvl_cache *c, pvl_status st,
+                                        uint64_t fp, const char *fn);
+/* pvl_compress, after its local checks: combines every rank's statistics
+ * (one agreement point, then the data exchanges). Changes nothing of the
+ * sequence; release ds with pvl__dist_stats_free (also after a failure). */
+PVL_INTERNAL pvl_status pvl__dist_compress_stats(pvl_cache *c,
+                                                 const pvl_seq *s,
+                                                 const pvl_policy *p,
+                                                 pvl_dist_stats *ds,
+                                                 const char *fn);
+/* Budgets of the local layers: over every model layer when split by
+ * layers (the budgets of their global indices), else pvl_policy_budgets. */
+PVL_INTERNAL pvl_status pvl__dist_budgets(const pvl_cache *c,
+                                          const pvl_dist_stats *ds,
+                                          const pvl_policy *p, uint32_t m,
+                                          const float *density,
+                                          uint32_t *budget);
+PVL_INTERNAL void pvl__dist_stats_free(pvl_cache *c, pvl_dist_stats *ds);
+/* pvl_decode_cap split by heads: the layer's observation with raw sums
+ * added over ranks, into *out (freed with pvl__dist_obs_free). */
+PVL_INTERNAL pvl_status pvl__dist_layer_obs(pvl_cache *c, const pvl_obs *o,
+                                            pvl_obs **out, const char *fn);
+PVL_INTERNAL void pvl__dist_obs_free(pvl_cache *c, pvl_obs *o);
+/* gamma_l = mean over the H heads of below / total (Eq. 2), per head into
+ * per_head (may be NULL); shared by compress.c and dist.c so a split cache
+ * computes it bit for bit as one cache does. */
+PVL_INTERNAL double pvl__gamma(const uint64_t *below, const uint64_t *total,
+                               uint32_t H, float *per_head);
+/* After a successful agreement: *v = the largest of the ranks' values. */
+PVL_INTERNAL pvl_status pvl__dist_max_i32(pvl_cache *c, int32_t *v,
+                                          const char *fn);
+/* 64-bit FNV-1a, to fingerprint arguments that must agree. */
+PVL_INTERNAL uint64_t pvl__fp(uint64_t h, const void *p, size_t n);
+#define PVL_FP_INIT 0xcbf29ce484222325ull
+
 /* ---- cache (cache.c) ---- */
 
 #define PVL_ERRMSG_LEN 512
@@ -231,6 +359,8 @@ struct pvl_cache {
   size_t scratch_bytes;
 
   struct pvl_plan *plans; /* live plans, destroyed with the cache */
+
+  pvl_dist *dist; /* NULL: a single rank (no communicator) */
 
   char err[PVL_ERRMSG_LEN];
 };

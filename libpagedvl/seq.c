@@ -183,13 +183,14 @@ static pvl_status check_spans(const pvl_cache *c, uint32_t n_prompt,
 #undef PVL_FAIL_ADD
 }
 
-pvl_status pvl_seq_add(pvl_cache *c, uint32_t n_prompt,
-                       const pvl_span *visual, uint32_t n_visual,
-                       pvl_seq_id *out) {
+static pvl_status seq_add(pvl_cache *c, uint32_t n_prompt,
+                          const pvl_span *visual, uint32_t n_visual,
+                          pvl_seq_id *out) {
+  static const char fn[] = "pvl_seq_add";
   if (!c || !out)
-    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache or out is NULL");
+    return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn, "cache or out is NULL");
   if (n_prompt == 0)
-    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "n_prompt = 0");
+    return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn, "n_prompt = 0");
   pvl_status st = check_spans(c, n_prompt, visual, n_visual);
   if (st != PVL_SUCCESS) return st;
 
@@ -197,15 +198,15 @@ pvl_status pvl_seq_add(pvl_cache *c, uint32_t n_prompt,
   const uint32_t nb = ceil_div(n_prompt, bs);
   const uint64_t need = (uint64_t)nb * L;
   if (need > c->pool.num_free)
-    return PVL_FAIL(c, PVL_ERR_OUT_OF_BLOCKS,
-                    "%u prompt tokens need %llu blocks, %u free", n_prompt,
-                    (unsigned long long)need, c->pool.num_free);
+    return pvl__fail(c, PVL_ERR_OUT_OF_BLOCKS, fn,
+                     "%u prompt tokens need %llu blocks, %u free", n_prompt,
+                     (unsigned long long)need, c->pool.num_free);
   if (c->num_free_slots == 0)
-    return PVL_FAIL(c, PVL_ERR_CAPACITY, "max_seqs = %u sequences are live",
-                    c->cfg.max_seqs);
+    return pvl__fail(c, PVL_ERR_CAPACITY, fn,
+                     "max_seqs = %u sequences are live", c->cfg.max_seqs);
 
   pvl_seq *s = seq_new(c, visual, n_visual);
-  if (!s) return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "sequence metadata");
+  if (!s) return pvl__fail(c, PVL_ERR_NO_MEMORY, fn, "sequence metadata");
   /* Slack for the first decode blocks, so early appends do not regrow. */
   const uint32_t cap = nb + 4;
   for (uint32_t l = 0; l < L; l++) {
@@ -216,9 +217,21 @@ pvl_status pvl_seq_add(pvl_cache *c, uint32_t n_prompt,
       pvl__free(c->alloc, s->tables, L * sizeof(pvl_table));
       pvl__free(c->alloc, s->spans, n_visual * sizeof(pvl_span));
       pvl__free(c->alloc, s, sizeof(*s));
-      return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "page table of layer %u", l);
+      return pvl__fail(c, PVL_ERR_NO_MEMORY, fn, "page table of layer %u", l);
     }
     s->tables[l].cap_blocks = cap;
+  }
+  /* Split cache: every rank admits or none. The id this rank would issue
+   * joins the fingerprint, so diverging schedulers are caught here. */
+  const uint32_t next_slot = c->free_slots[c->num_free_slots - 1];
+  uint64_t fp = pvl__fp(PVL_FP_INIT, &n_prompt, sizeof(n_prompt));
+  fp = pvl__fp(fp, visual, n_visual * sizeof(pvl_span));
+  fp = pvl__fp(fp, &c->slot_gen[next_slot], sizeof(uint64_t));
+  fp = pvl__fp(fp, &next_slot, sizeof(next_slot));
+  st = pvl__dist_agree(c, PVL_SUCCESS, fp, fn);
+  if (st != PVL_SUCCESS) {
+    seq_destroy(c, s);
+    return st;
   }
   /* Commit: nothing below fails. */
   for (uint32_t l = 0; l < L; l++) {
@@ -235,6 +248,12 @@ pvl_status pvl_seq_add(pvl_cache *c, uint32_t n_prompt,
   return PVL_SUCCESS;
 }
 
+pvl_status pvl_seq_add(pvl_cache *c, uint32_t n_prompt, const pvl_span *visual,
+                       uint32_t n_visual, pvl_seq_id *out) {
+  pvl__dist_begin(c, PVL_CALL_SEQ_ADD);
+  return pvl__dist_end(c, seq_add(c, n_prompt, visual, n_visual, out));
+}
+
 pvl_status pvl_seq_free(pvl_cache *c, pvl_seq_id id) {
   if (!c) return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache is NULL");
   pvl_seq *s = NULL;
@@ -245,18 +264,19 @@ pvl_status pvl_seq_free(pvl_cache *c, pvl_seq_id id) {
   return PVL_SUCCESS;
 }
 
-pvl_status pvl_seq_fork(pvl_cache *c, pvl_seq_id parent, pvl_seq_id *child) {
+static pvl_status seq_fork(pvl_cache *c, pvl_seq_id parent, pvl_seq_id *child) {
+  static const char fn[] = "pvl_seq_fork";
   if (!c || !child)
-    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache or child is NULL");
+    return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn, "cache or child is NULL");
   pvl_seq *p = NULL;
-  pvl_status st = lookup(c, parent, &p, __func__);
+  pvl_status st = lookup(c, parent, &p, fn);
   if (st != PVL_SUCCESS) return st;
   if (c->num_free_slots == 0)
-    return PVL_FAIL(c, PVL_ERR_CAPACITY, "max_seqs = %u sequences are live",
-                    c->cfg.max_seqs);
+    return pvl__fail(c, PVL_ERR_CAPACITY, fn,
+                     "max_seqs = %u sequences are live", c->cfg.max_seqs);
   const uint32_t L = c->cfg.num_layers;
   pvl_seq *s = seq_new(c, p->spans, p->n_spans);
-  if (!s) return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "sequence metadata");
+  if (!s) return pvl__fail(c, PVL_ERR_NO_MEMORY, fn, "sequence metadata");
   for (uint32_t l = 0; l < L; l++) {
     const pvl_table *pt = &p->tables[l];
     pvl_table *t = &s->tables[l];
@@ -276,8 +296,18 @@ pvl_status pvl_seq_fork(pvl_cache *c, pvl_seq_id parent, pvl_seq_id *child) {
       pvl__free(c->alloc, s->tables, L * sizeof(pvl_table));
       pvl__free(c->alloc, s->spans, s->n_spans * sizeof(pvl_span));
       pvl__free(c->alloc, s, sizeof(*s));
-      return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "page table of layer %u", l);
+      return pvl__fail(c, PVL_ERR_NO_MEMORY, fn, "page table of layer %u", l);
     }
+  }
+  /* Split cache: every rank forks or none (tables hold no blocks yet). */
+  const uint32_t next_slot = c->free_slots[c->num_free_slots - 1];
+  uint64_t fp = pvl__fp(PVL_FP_INIT, &parent, sizeof(parent));
+  fp = pvl__fp(fp, &c->slot_gen[next_slot], sizeof(uint64_t));
+  fp = pvl__fp(fp, &next_slot, sizeof(next_slot));
+  st = pvl__dist_agree(c, PVL_SUCCESS, fp, fn);
+  if (st != PVL_SUCCESS) {
+    seq_destroy(c, s);
+    return st;
   }
   for (uint32_t l = 0; l < L; l++) {
     const pvl_table *pt = &p->tables[l];
@@ -296,6 +326,11 @@ pvl_status pvl_seq_fork(pvl_cache *c, pvl_seq_id parent, pvl_seq_id *child) {
   seq_register(c, s);
   *child = s->id;
   return PVL_SUCCESS;
+}
+
+pvl_status pvl_seq_fork(pvl_cache *c, pvl_seq_id parent, pvl_seq_id *child) {
+  pvl__dist_begin(c, PVL_CALL_SEQ_FORK);
+  return pvl__dist_end(c, seq_fork(c, parent, child));
 }
 
 /* ---- decode append ---- */
@@ -330,10 +365,11 @@ pvl_status pvl_blocks_for_append(const pvl_cache *c, const pvl_seq_id *seqs,
   return PVL_SUCCESS;
 }
 
-pvl_status pvl_seq_append(pvl_cache *c, const pvl_seq_id *seqs, uint32_t n,
-                          void *stream) {
-  if (!c) return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache is NULL");
-  pvl_status st = pvl__seq_resolve_batch(c, seqs, n, NULL, __func__);
+static pvl_status seq_append(pvl_cache *c, const pvl_seq_id *seqs, uint32_t n,
+                             void *stream) {
+  static const char fn[] = "pvl_seq_append";
+  if (!c) return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn, "cache is NULL");
+  pvl_status st = pvl__seq_resolve_batch(c, seqs, n, NULL, fn);
   if (st != PVL_SUCCESS) return st;
   const uint32_t L = c->cfg.num_layers, bs = c->cfg.block_size;
   const size_t n_tables = (size_t)n * L;
@@ -343,8 +379,8 @@ pvl_status pvl_seq_append(pvl_cache *c, const pvl_seq_id *seqs, uint32_t n,
    * shared, and both copy it, whatever order they commit in. */
   uint8_t *kind = pvl__scratch(c, n_tables * (1 + 2 * sizeof(int32_t)) + 4);
   if (!kind)
-    return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "append scratch for %zu tables",
-                    n_tables);
+    return pvl__fail(c, PVL_ERR_NO_MEMORY, fn, "append scratch for %zu tables",
+                     n_tables);
   int32_t *cow = (int32_t *)(kind + ((n_tables + 3) & ~(size_t)3));
 
   /* Pass 1: classify, count, and make room in the tables (capacity growth
@@ -353,9 +389,9 @@ pvl_status pvl_seq_append(pvl_cache *c, const pvl_seq_id *seqs, uint32_t n,
   for (uint32_t i = 0; i < n; i++) {
     pvl_seq *s = pvl__seq_get(c, seqs[i]);
     if (s->n_prompt + s->n_decoded == UINT32_MAX)
-      return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
-                      "sequence 0x%llx has reached position UINT32_MAX",
-                      (unsigned long long)s->id);
+      return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn,
+                       "sequence 0x%llx has reached position UINT32_MAX",
+                       (unsigned long long)s->id);
     for (uint32_t l = 0; l < L; l++) {
       pvl_table *t = &s->tables[l];
       int k = append_kind(c, t);
@@ -363,14 +399,14 @@ pvl_status pvl_seq_append(pvl_cache *c, const pvl_seq_id *seqs, uint32_t n,
       need += k != APPEND_IN_PLACE;
       n_cow += k == APPEND_COW;
       if (!table_reserve_append(c, t, bs))
-        return PVL_FAIL(c, PVL_ERR_NO_MEMORY,
-                        "growing the page table of layer %u", l);
+        return pvl__fail(c, PVL_ERR_NO_MEMORY, fn,
+                         "growing the page table of layer %u", l);
     }
   }
   if (need > c->pool.num_free)
-    return PVL_FAIL(c, PVL_ERR_OUT_OF_BLOCKS,
-                    "the batch of %u sequences needs %llu blocks, %u free", n,
-                    (unsigned long long)need, c->pool.num_free);
+    return pvl__fail(c, PVL_ERR_OUT_OF_BLOCKS, fn,
+                     "the batch of %u sequences needs %llu blocks, %u free", n,
+                     (unsigned long long)need, c->pool.num_free);
 
   /* Pass 2: copy-on-write copies are queued before anything commits, so a
    * failing copy can still be undone. */
@@ -390,8 +426,18 @@ pvl_status pvl_seq_append(pvl_cache *c, const pvl_seq_id *seqs, uint32_t n,
     if (st != PVL_SUCCESS) {
       for (uint64_t j = 0; j < n_cow; j++)
         pvl__pool_decref(&c->pool, cow[n_cow + j]);
-      return PVL_PREFIX(c, st);
+      return pvl__prefix(c, st, fn);
     }
+  }
+
+  /* Split cache: every rank appends or none; the copies are undone on a
+   * refusal as on a failing copy. */
+  st = pvl__dist_agree(c, PVL_SUCCESS,
+                       pvl__fp(PVL_FP_INIT, seqs, n * sizeof(pvl_seq_id)), fn);
+  if (st != PVL_SUCCESS) {
+    for (uint64_t j = 0; j < n_cow; j++)
+      pvl__pool_decref(&c->pool, cow[n_cow + j]);
+    return st;
   }
 
   /* Pass 3: commit, consuming the copies in pass-2 order. */
@@ -425,6 +471,12 @@ pvl_status pvl_seq_append(pvl_cache *c, const pvl_seq_id *seqs, uint32_t n,
     if (changed) s->version = ++c->epoch_clock;
   }
   return PVL_SUCCESS;
+}
+
+pvl_status pvl_seq_append(pvl_cache *c, const pvl_seq_id *seqs, uint32_t n,
+                          void *stream) {
+  pvl__dist_begin(c, PVL_CALL_SEQ_APPEND);
+  return pvl__dist_end(c, seq_append(c, seqs, n, stream));
 }
 
 /* ---- retain (compaction) ---- */
@@ -536,18 +588,41 @@ pvl_status pvl__retain_commit(pvl_cache *c, pvl_seq *s, uint32_t layer,
   return PVL_SUCCESS;
 }
 
-pvl_status pvl_seq_retain(pvl_cache *c, pvl_seq_id id, uint32_t layer,
-                          const uint32_t *keep, uint32_t n_keep,
-                          void *stream) {
+static pvl_status seq_retain(pvl_cache *c, pvl_seq_id id, uint32_t layer,
+                             const uint32_t *keep, uint32_t n_keep,
+                             void *stream) {
+  static const char fn[] = "pvl_seq_retain";
   if (!c) return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache is NULL");
   pvl_table *t = NULL;
-  pvl_status st = lookup_layer(c, id, layer, &t, __func__);
+  pvl_status st = lookup_layer(c, id, layer, &t, fn);
   if (st != PVL_SUCCESS) return st;
   pvl_retain_prep prep;
-  st = pvl__retain_prepare(c, t, keep, n_keep, &prep, __func__);
+  st = pvl__retain_prepare(c, t, keep, n_keep, &prep, fn);
   if (st != PVL_SUCCESS) return st;
-  return pvl__retain_commit(c, pvl__seq_get(c, id), layer, keep, n_keep,
-                            &prep, stream, __func__);
+  if (c->dist) {
+    /* Split by heads: every rank keeps the same slots or none does; the
+     * pool check of the commit comes first so it is agreed on. */
+    if (prep.n_new > c->pool.num_free)
+      st = pvl__fail(c, PVL_ERR_OUT_OF_BLOCKS, fn,
+                     "compacting needs %u free blocks, %u free", prep.n_new,
+                     c->pool.num_free);
+    uint64_t fp = pvl__fp(PVL_FP_INIT, &id, sizeof(id));
+    fp = pvl__fp(fp, &layer, sizeof(layer));
+    fp = pvl__fp(fp, keep, (size_t)n_keep * sizeof(uint32_t));
+    st = pvl__dist_agree(c, st, fp, fn);
+    if (st != PVL_SUCCESS) {
+      pvl__retain_abort(c, &prep);
+      return st;
+    }
+  }
+  return pvl__retain_commit(c, pvl__seq_get(c, id), layer, keep, n_keep, &prep,
+                            stream, fn);
+}
+
+pvl_status pvl_seq_retain(pvl_cache *c, pvl_seq_id id, uint32_t layer,
+                          const uint32_t *keep, uint32_t n_keep, void *stream) {
+  pvl__dist_begin(c, PVL_CALL_SEQ_RETAIN);
+  return pvl__dist_end(c, seq_retain(c, id, layer, keep, n_keep, stream));
 }
 
 /* ---- data ---- */
@@ -694,12 +769,13 @@ pvl_status pvl_blocks_for_prompt(const pvl_cache *c, uint32_t n_prompt,
   return PVL_SUCCESS;
 }
 
-pvl_status pvl_can_add(const pvl_cache *c, uint32_t n_prompt,
-                       pvl_admit *out) {
+static pvl_status can_add(const pvl_cache *c, uint32_t n_prompt,
+                          pvl_admit *out) {
+  static const char fn[] = "pvl_can_add";
   if (!c || !out)
-    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache or out is NULL");
+    return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn, "cache or out is NULL");
   if (n_prompt == 0)
-    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "n_prompt = 0");
+    return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn, "n_prompt = 0");
   const uint64_t need =
       (uint64_t)ceil_div(n_prompt, c->cfg.block_size) * c->cfg.num_layers;
   if (need > c->pool.num_blocks)
@@ -709,4 +785,21 @@ pvl_status pvl_can_add(const pvl_cache *c, uint32_t n_prompt,
   else
     *out = PVL_ADMIT_OK;
   return PVL_SUCCESS;
+}
+
+pvl_status pvl_can_add(const pvl_cache *cc, uint32_t n_prompt, pvl_admit *out) {
+  /* A split cache's exchange state is not part of its logical state. */
+  pvl_cache *c = (pvl_cache *)cc;
+  pvl_admit mine = PVL_ADMIT_OK;
+  const bool coll = pvl__dist_begin(c, PVL_CALL_CAN_ADD);
+  pvl_status st = can_add(c, n_prompt, coll ? &mine : out);
+  if (!coll) return st;
+  /* The worst answer of all ranks (split by layers the ranks' pools and
+   * layer counts differ), so OK means pvl_seq_add succeeds everywhere. */
+  st = pvl__dist_agree(c, st, pvl__fp(PVL_FP_INIT, &n_prompt, 4), __func__);
+  int32_t worst = (int32_t)mine;
+  if (st == PVL_SUCCESS) st = pvl__dist_max_i32(c, &worst, __func__);
+  st = pvl__dist_end(c, st);
+  if (st == PVL_SUCCESS) *out = (pvl_admit)worst;
+  return st;
 }
