@@ -1022,7 +1022,11 @@ int main(int argc, char **argv) {
   }
 
   /* 1. The cache, on the backend AUTO picks for this shape and dtype. */
-  CHECK(make_cache(&opt, &cache, why, sizeof(why)));
+  pvl_status st = make_cache(&opt, &cache, why, sizeof(why));
+  if (st != PVL_SUCCESS) {
+    report(NULL, "pvl_cache_create", st);
+    goto cleanup;
+  }
   pvl_config cfg;
   CHECK(pvl_cache_config(cache, &cfg)); /* backend resolved, pool sized */
   R.cache = cache;
