@@ -55,8 +55,32 @@
  * - Every function returns a pvl_status; results go through out-pointers,
  *   which are written only on success.
  * - A call that fails changes nothing: no block is leaked or reserved, no
- *   sequence is half-admitted, no table is half-changed. The cache's
- *   pvl_cache_last_error() says what went wrong.
+ *   sequence is half-admitted, no table is half-changed.
+ * - Where a failure's message goes: a call given a cache records it in that
+ *   cache (pvl_cache_last_error), a call given a plan in the plan's cache.
+ *   A call with no cache to record in writes the calling thread's
+ *   pvl_create_last_error(): the functions that take neither a cache nor a
+ *   plan (pvl_config_init, pvl_cache_create, pvl_backend_available,
+ *   pvl_policy_init, _parse, _budgets, _scores, _select) and any call whose
+ *   cache or plan argument is NULL.
+ * - Non-finite numbers (Inf, NaN) in K, V and Q. pvl_kv_write and
+ *   pvl_plan_kv_write store whatever they are given. pvl_attention_decode
+ *   succeeds and confines them to the outputs that read them: an output
+ *   out[b][h] whose softmax is undefined (a logit scale * q . k that is NaN
+ *   or +Inf, as finite f32 or bf16 inputs give when the product overflows,
+ *   or every logit -Inf) is NaN in every element on the CPU backend, and
+ *   NaN or Inf in the V of a key it reads makes that output non-finite
+ *   (even at weight 0); the other outputs are unaffected (a -Inf logit
+ *   among finite ones only weighs 0). pvl_observe on the CPU backend
+ *   refuses a q that holds a non-finite value (INVALID_ARGUMENT naming the
+ *   row and head) and accumulates nothing; on CUDA q is not read on the
+ *   host. A per-key sum of an observation that is not finite (Inf or NaN in
+ *   a key a row sees, an overflowing or non-finite logit, a non-finite q on
+ *   CUDA) stays so, and pvl_compress (scored policies) and pvl_decode_cap
+ *   refuse such an observation with BAD_STATE, naming the layer, and
+ *   change nothing. Then free the sequence, or compress it with full or
+ *   streaming, which read no observation. No call succeeds with a result
+ *   that depends on a non-finite sum or on memory it did not write.
  * - A cache and every object made from it (sequences, plans) is used by one
  *   thread at a time, like an NCCL communicator. Separate caches are
  *   independent and may be used from different threads at once.
@@ -302,25 +326,36 @@ typedef enum pvl_split {
 } pvl_split;
 
 /* Cache configuration. Initialize with pvl_config_init(), then set fields:
- * `size` lets fields be added later without breaking the ABI. */
+ * `size` lets fields be added later without breaking the ABI. The ranges
+ * below are the limits pvl_cache_create checks: a value outside them is
+ * INVALID_ARGUMENT; a shape the CUDA kernels do not take is UNSUPPORTED
+ * there (AUTO then falls back to the CPU). */
 typedef struct pvl_config {
   size_t size;          /* sizeof(pvl_config), set by pvl_config_init */
   pvl_backend backend;  /* default PVL_BACKEND_AUTO */
-  int32_t device;       /* CUDA device ordinal, default 0. Create makes it
-                           current; keep it current for the cache's calls
-                           (as with an NCCL communicator) */
-  pvl_dtype dtype;      /* K/V/Q/output element type, default F16 */
-  uint32_t num_layers;  /* layers this cache holds (>= 1) */
-  uint32_t num_q_heads; /* query heads; a multiple of num_kv_heads, <= 16384 */
-  uint32_t num_kv_heads;/* KV heads this cache holds (>= 1) */
+  int32_t device;       /* CUDA device ordinal, default 0; CUDA: in [0,
+                           device count), the CPU ignores it. Create makes
+                           it current; keep it current for the cache's
+                           calls (as with an NCCL communicator) */
+  pvl_dtype dtype;      /* K/V/Q/output element type, default F16; F32 is
+                           CPU only */
+  uint32_t num_layers;  /* layers this cache holds: 1..4096 */
+  uint32_t num_q_heads; /* query heads: 1..16384, a multiple of
+                           num_kv_heads (CUDA: at most 8 per KV head) */
+  uint32_t num_kv_heads;/* KV heads this cache holds: 1..1024 */
   uint32_t head_dim;    /* CPU: 1..1024; CUDA kernels: 64, 128 or 256 */
   uint32_t block_size;  /* tokens per block. CPU: 1..1024; CUDA: 16 or 32 */
-  uint32_t num_blocks;  /* blocks in the pool; 0 = derive from
-                           memory_fraction (CUDA only) */
-  float memory_fraction;/* of the device's free memory, when num_blocks = 0;
-                           default 0.9 */
-  uint32_t max_seqs;    /* live sequences at most; default 4096 */
-  const pvl_allocator *allocator; /* NULL = default; must outlive the cache */
+  uint32_t num_blocks;  /* blocks in the pool: 1..INT32_MAX (block ids are
+                           int32), and num_blocks * block_size <= INT32_MAX
+                           (one layer may hold the whole pool, and layer
+                           lengths are int32); 0 = derive from
+                           memory_fraction (CUDA only; capped the same
+                           way) */
+  float memory_fraction;/* of the device's free memory, when num_blocks = 0
+                           (only then read): (0, 1]; default 0.9 */
+  uint32_t max_seqs;    /* live sequences at most: 1..2^24; default 4096 */
+  const pvl_allocator *allocator; /* NULL = default; else both functions
+                           set; must outlive the cache */
   /* Several ranks (see "Several ranks" above). With comm = NULL and split
    * NONE the cache is a single rank, as before. */
   pvl_comm *comm;       /* must outlive the cache; NULL = single rank */
@@ -373,14 +408,18 @@ PVL_API pvl_status pvl_cache_destroy(pvl_cache *cache);
  * derived). */
 PVL_API pvl_status pvl_cache_config(const pvl_cache *cache, pvl_config *out);
 
-/* Message of the last failing call on `cache` ("" if none yet): the
- * function, what was wrong, and the values. Owned by the cache; valid until
- * the next failing call. NULL cache: a static message. */
+/* Message of the last failing call on `cache` or on a plan made from it
+ * ("" if none yet): the function, what was wrong, and the values. Owned by
+ * the cache; valid until the next failing call. NULL cache: a static
+ * message. */
 PVL_API const char *pvl_cache_last_error(const pvl_cache *cache);
 
 /* Message of the last failing call of the calling thread that had no cache
  * to record it in: pvl_cache_create, pvl_config_init and the pvl_policy_*
- * functions. Thread-local; valid until that thread's next such failure. */
+ * functions. Thread-local; valid until that thread's next such failure.
+ * Also written by pvl_backend_available and by any call whose cache or plan
+ * argument is NULL; not by pvl_policy_rows given a cache, which records in
+ * that cache like every call that has one. */
 PVL_API const char *pvl_create_last_error(void);
 
 /* ------------------------------------------------------------------------ */
@@ -552,7 +591,9 @@ PVL_API pvl_status pvl_cache_layer_tokens(const pvl_cache *cache,
 /* Writes n tokens into slots [first, first + n) of one layer of a sequence.
  * k and v are [n][num_kv_heads][head_dim] in the cache dtype (token-major,
  * as a K/V projection produces them; K after RoPE). Writing into a block
- * shared with a fork is refused (BAD_STATE): shared blocks are read-only. */
+ * shared with a fork is refused (BAD_STATE): shared blocks are read-only.
+ * Values are stored as given, Inf and NaN included (see the conventions at
+ * the top for what the readers do with them). */
 PVL_API pvl_status pvl_kv_write(pvl_cache *cache, pvl_seq_id seq,
                                 uint32_t layer, uint32_t first, uint32_t n,
                                 const void *k, const void *v, void *stream);
@@ -606,7 +647,8 @@ PVL_API pvl_status pvl_plan_get_info(const pvl_plan *plan,
 
 /* Writes the newest token of every sequence of the plan into the last slot
  * of layer `layer` (the slot the last append made). k and v are
- * [n_seqs][num_kv_heads][head_dim]. One launch for the whole batch. */
+ * [n_seqs][num_kv_heads][head_dim]. One launch for the whole batch.
+ * Values are stored as given, Inf and NaN included. */
 PVL_API pvl_status pvl_plan_kv_write(pvl_plan *plan, uint32_t layer,
                                      const void *k, const void *v,
                                      void *stream);
@@ -616,7 +658,11 @@ PVL_API pvl_status pvl_plan_kv_write(pvl_plan *plan, uint32_t layer,
  * sequence b, query head h reading KV head h / (num_q_heads/num_kv_heads).
  * q and out are [n_seqs][num_q_heads][head_dim] in the cache dtype; fp32
  * accumulation. scale = 0 means 1/sqrt(head_dim); otherwise it must be
- * finite and > 0. A layer with no tokens yields zeros. */
+ * finite and > 0. A layer with no tokens yields zeros. q.k overflowing
+ * float (finite f32 or bf16 inputs can) or Inf/NaN in q, K or V is not an
+ * error: PVL_SUCCESS, and only the outputs (sequence, head) that read such
+ * a logit or value are non-finite (all NaN when the softmax is undefined);
+ * see the conventions at the top. */
 PVL_API pvl_status pvl_attention_decode(pvl_plan *plan, uint32_t layer,
                                         const void *q, void *out, float scale,
                                         void *stream);
@@ -743,22 +789,26 @@ PVL_API pvl_status pvl_policy_budgets(const pvl_policy *policy,
 /* Turns raw per-key attention sums into the policy's ranking scores (see
  * the formulas above): raw[j] = sum over rows and heads of A_ij, seen[j] =
  * rows that see key j, n_rows = rows observed. out[0..m). For snapkv and
- * pyramidkv the keys of the window get +infinity (always kept). */
+ * pyramidkv the keys of the window get +infinity (always kept). A raw value
+ * that is not finite is INVALID_ARGUMENT, and out is then not written. */
 PVL_API pvl_status pvl_policy_scores(const pvl_policy *policy, uint32_t m,
                                      const float *raw, const uint32_t *seen,
                                      uint32_t n_rows, float *out);
 
 /* Selects `budget` of m candidates (positions 0..m-1, in order) by the
  * policy's rule: keep[0..*n_keep) strictly ascending, *n_keep =
- * min(budget, m). `scores` (m values, no NaN) is ignored by full and
- * streaming and may then be NULL. */
+ * min(budget, m). `scores` (m values) is ignored by full and streaming
+ * and may then be NULL; a NaN score is INVALID_ARGUMENT (+-Inf rank as the
+ * largest and smallest scores). */
 PVL_API pvl_status pvl_policy_select(const pvl_policy *policy, uint32_t m,
                                      uint32_t budget, const float *scores,
                                      uint32_t *keep, uint32_t *n_keep);
 
 /* The prompt query rows the policy observes for this sequence: positions
  * [*first, *first + *n). *fallback = 1 when VL-Cache had no post-vision
- * window and used the last fallback_window tokens instead. */
+ * window and used the last fallback_window tokens instead. Takes a cache,
+ * so its failures are recorded there (pvl_cache_last_error), not in
+ * pvl_create_last_error as the other pvl_policy_* functions'. */
 PVL_API pvl_status pvl_policy_rows(const pvl_policy *policy,
                                    const pvl_cache *cache, pvl_seq_id seq,
                                    uint32_t *first, uint32_t *n,
@@ -766,14 +816,21 @@ PVL_API pvl_status pvl_policy_rows(const pvl_policy *policy,
 
 /* Observes n_rows query rows of one layer of a sequence: q is
  * [n_rows][num_q_heads][head_dim] in the cache dtype (after RoPE), row i
- * being the query of logical position first_pos + i. A row sees the keys of
- * the layer whose logical position is <= its own. Computes blockwise, in
+ * being the query of logical position first_pos + i. Rows are queries of
+ * tokens the sequence has: first_pos + n_rows <= its next logical position
+ * (pvl_seq_info.position: the prompt and the decode tokens appended so
+ * far), else INVALID_ARGUMENT. A row sees the keys of the layer whose
+ * logical position is <= its own. Computes blockwise, in
  * two passes over the keys (row max and sum of exponentials, then
  * probabilities, per-key sums and threshold counts), never a rows x keys
  * matrix. Accumulates into the layer's observation, which pvl_compress
  * consumes; an observation is dropped when the layer changes (append,
  * retain) before it is used. threshold is the policy's p; scale as in
- * pvl_attention_decode (0 = 1/sqrt(head_dim)). */
+ * pvl_attention_decode (0 = 1/sqrt(head_dim)). Non-finite values: the CPU
+ * backend refuses a q holding Inf or NaN (INVALID_ARGUMENT naming the row
+ * and head; nothing accumulated); Inf/NaN in the layer's K, a logit that
+ * overflows float, or (CUDA) a non-finite q leave non-finite per-key sums,
+ * which pvl_compress and pvl_decode_cap refuse (see the conventions). */
 PVL_API pvl_status pvl_observe(pvl_cache *cache, pvl_seq_id seq,
                                uint32_t layer, const void *q,
                                uint32_t first_pos, uint32_t n_rows,
@@ -783,7 +840,8 @@ PVL_API pvl_status pvl_observe(pvl_cache *cache, pvl_seq_id seq,
  * (gamma[0..num_q_heads), may be NULL), gamma_l (mean over heads), raw
  * per-key sums raw[0..cap) and seen counts seen[0..cap) (either may be NULL
  * when cap = 0), *n_keys = keys covered, *n_rows = rows observed.
- * BAD_STATE if the layer has no valid observation. */
+ * BAD_STATE if the layer has no valid observation. A non-finite
+ * observation is returned as it is (raw holds its Inf or NaN). */
 PVL_API pvl_status pvl_seq_observation(const pvl_cache *cache,
                                        pvl_seq_id seq, uint32_t layer,
                                        float *gamma, float *gamma_layer,
@@ -824,10 +882,15 @@ typedef struct pvl_compress_report {
  * observed densities (VL-Cache), a selection per layer from the observed
  * scores (every layer must have been observed with pvl_observe, except
  * for full and streaming: else BAD_STATE), then compaction of every layer
- * (pvl_seq_retain) and release of the emptied blocks. A sequence is
- * compressed once (BAD_STATE after). All layers or none: if a layer cannot
- * be compacted (OUT_OF_BLOCKS: compaction gathers into fresh blocks, at
- * most the final block count) nothing is changed. `report` may be NULL.
+ * (pvl_seq_retain) and release of the emptied blocks. BAD_STATE, changing
+ * nothing, for: a sequence compressed before (a sequence is compressed
+ * once); a sequence a layer of which was retained by hand (pvl_seq_retain
+ * or pvl_decode_cap: its slots are no longer the prompt positions); and,
+ * for a scored policy, a layer whose observation holds a non-finite sum
+ * (the message names the layer; see the conventions at the top). All
+ * layers or none: if a layer cannot be compacted (OUT_OF_BLOCKS:
+ * compaction gathers into fresh blocks, at most the final block count)
+ * nothing is changed. `report` may be NULL.
  * With a communicator: COLLECTIVE. Split by layers: the per-layer
  * densities of all ranks are gathered, so the budgets equal those of one
  * cache holding every layer; each rank compacts its layers with the
@@ -845,8 +908,9 @@ PVL_API pvl_status pvl_compress(pvl_cache *cache, pvl_seq_id seq,
  * recompresses it to decode_cap - slack tokens over all its slots (prompt
  * and decoded), keeping the recent ceil(recent_ratio * budget) and the top
  * scores of the layer's observation (observe the recent decode queries
- * first: BAD_STATE without one). *did = 1 if it recompressed, 0 if the
- * layer was within the cap. Split by heads: COLLECTIVE when the layer
+ * first: BAD_STATE without one, and BAD_STATE, changing nothing, if it
+ * holds a non-finite sum). *did = 1 if it recompressed, 0 if the layer was
+ * within the cap. Split by heads: COLLECTIVE when the layer
  * exceeds the cap (its length is the same on every rank): the scores are
  * summed over ranks, so all keep the same tokens. Split by layers: local. */
 PVL_API pvl_status pvl_decode_cap(pvl_cache *cache, pvl_seq_id seq,

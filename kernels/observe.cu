@@ -144,9 +144,13 @@ __device__ __forceinline__ uint32_t rows_seeing(uint32_t pos,
 
 /* Pass 2 reads the statistics in this form: one exp2, one multiply and one
  * compare per entry. Rows that see no key are never visible to any key, so
- * their entry is never used. */
+ * their entry is never used. A row that sees keys but has no positive sum
+ * (every logit -inf or NaN, or a NaN sum) gets 1 / sum = NaN, so all its
+ * probabilities are NaN and the host sees a non-finite observation, as on
+ * the CPU backend, instead of a row that silently contributes nothing. */
 __device__ __forceinline__ float4 finish_stats(float m, float l, float log_p) {
-  if (!(l > 0.0f)) return make_float4(0.0f, 0.0f, pvlk::neg_inf(), 0.0f);
+  if (!(l > 0.0f))
+    return make_float4(0.0f, __int_as_float(0x7fc00000), pvlk::neg_inf(), 0.0f);
   return make_float4(m * kLog2e, 1.0f / l, m + log_p, 0.0f);
 }
 

@@ -326,6 +326,23 @@ static pvl_status cpu_observe(pvl_cache *c, const pvl_table *t, const void *q,
   float *krow = kt + (size_t)d * OBS_KT, *lg = krow + d;
   uint32_t *vis = (uint32_t *)(lg + OBS_KT);
 
+  /* A non-finite query turns every sum of its row into NaN: refuse it
+   * before anything is accumulated, so the call changes nothing. (The CUDA
+   * backend does not read q on the host; there the NaN sums make
+   * pvl_compress refuse the observation instead.) */
+  for (uint32_t r = 0; r < n_rows; r++) {
+    for (int32_t h = 0; h < hq; h++) {
+      const size_t src = ((size_t)r * hq + (size_t)h) * d;
+      pvl__load_f32(dt, (const char *)q + src * c->elem_size, krow, (size_t)d);
+      for (int32_t e = 0; e < d; e++)
+        if (!isfinite(krow[e]))
+          return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
+                          "q row %u (position %u), query head %d, element "
+                          "%d is %g: queries must be finite",
+                          r, first_pos + r, h, e, (double)krow[e]);
+    }
+  }
+
   for (uint32_t r0 = 0; r0 < n_rows; r0 += OBS_TILE) {
     const uint32_t nr = n_rows - r0 < OBS_TILE ? n_rows - r0 : OBS_TILE;
     uint32_t max_vis = 0;

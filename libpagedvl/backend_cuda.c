@@ -122,8 +122,10 @@ static pvl_status cuda_init(pvl_cache *c) {
       return PVL_FAIL(c, PVL_ERR_OUT_OF_BLOCKS,
                       "%.0f%% of %zu free bytes holds no block of %zu bytes",
                       100.0 * c->cfg.memory_fraction, free_b, c->block_bytes);
-    c->cfg.num_blocks = nb > (double)INT32_MAX ? (uint32_t)INT32_MAX
-                                               : (uint32_t)nb;
+    /* The limit pvl_cache_create checks for an explicit num_blocks:
+     * every slot of the pool indexable by an int32 layer length. */
+    const double cap = (double)(INT32_MAX / c->cfg.block_size);
+    c->cfg.num_blocks = nb > cap ? (uint32_t)cap : (uint32_t)nb;
   }
   size_t bytes;
   if (!pvl__mul_ok(c->block_bytes, c->cfg.num_blocks, &bytes))

@@ -134,6 +134,14 @@ static pvl_status check_config(const pvl_config *cfg) {
   if (cfg->num_blocks > (uint32_t)INT32_MAX)
     return BAD("num_blocks = %u exceeds INT32_MAX (block ids are int32)",
                cfg->num_blocks);
+  /* A layer of one sequence may hold every block of the pool, and the plans
+   * and kernels keep a layer's length in an int32: the pool's slots must
+   * fit one. */
+  if ((uint64_t)cfg->num_blocks * cfg->block_size > (uint64_t)INT32_MAX)
+    return BAD("num_blocks = %u x block_size = %u = %llu slots exceed "
+               "INT32_MAX (layer lengths are int32)",
+               cfg->num_blocks, cfg->block_size,
+               (unsigned long long)cfg->num_blocks * cfg->block_size);
   if (cfg->max_seqs == 0 || cfg->max_seqs > (1u << 24))
     return BAD("max_seqs = %u, must be in [1, 2^24]", cfg->max_seqs);
   if (cfg->num_blocks == 0 &&

@@ -81,10 +81,15 @@ pvl_status pvl_observe(pvl_cache *c, pvl_seq_id id, uint32_t layer,
   if (n_rows > 0 && !q)
     return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "q is NULL, n_rows = %u",
                     n_rows);
-  if (n_rows > UINT32_MAX - first_pos)
+  /* A row is the query of a token the sequence holds: positions past the
+   * next one have no token, and their causal window would silently take in
+   * keys appended later. */
+  const uint32_t next_pos = s->n_prompt + s->n_decoded;
+  if (first_pos > next_pos || n_rows > next_pos - first_pos)
     return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
-                    "rows [%u, %u + %u) overflow uint32", first_pos,
-                    first_pos, n_rows);
+                    "rows at positions [%u, %u + %u) reach past the "
+                    "sequence's next position %u",
+                    first_pos, first_pos, n_rows, next_pos);
   if (!(threshold > 0.0f && threshold < 1.0f))
     return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
                     "threshold = %g, must be in (0, 1)", (double)threshold);
@@ -173,13 +178,36 @@ static bool policy_scored(const pvl_policy *p) {
   return p->kind != PVL_POLICY_FULL && p->kind != PVL_POLICY_STREAMING;
 }
 
+/* Fails (BAD_STATE, naming the layer) if the observation holds a
+ * non-finite per-key sum. Inf or NaN in a cached key, a logit that
+ * overflows float, or (CUDA, where q is not inspected) a non-finite query
+ * turn sums into NaN, and a sum keeps it: NaN absorbs every later addition,
+ * and probabilities (at most 1 each) cannot overflow a double. So the data
+ * records it, and the check reads the data the selection will read (after
+ * any combination of observations), not a flag set along the way. */
+static pvl_status obs_check_finite(const pvl_cache *c, const pvl_obs *o,
+                                   uint32_t layer, const char *fn) {
+  for (uint32_t j = 0; j < o->n_keys; j++)
+    if (!isfinite(o->raw[j]))
+      return pvl__fail(c, PVL_ERR_BAD_STATE, fn,
+                       "the observation of layer %u is not finite (key "
+                       "slot %u sums to %g: a query or key held Inf or NaN, "
+                       "or a logit overflowed); nothing was changed",
+                       layer, j, o->raw[j]);
+  return PVL_SUCCESS;
+}
+
 /* Scores of the first m keys of an observation, by the policy's transform,
- * into out[0..m); tmp holds m floats and m seen counts. */
-static void obs_scores(const pvl_policy *p, const pvl_obs *o, uint32_t m,
-                       float *raw_tmp, float *out) {
+ * into out[0..m); raw_tmp holds m floats. */
+static pvl_status obs_scores(const pvl_cache *c, const pvl_policy *p,
+                             const pvl_obs *o, uint32_t m, uint32_t layer,
+                             float *raw_tmp, float *out, const char *fn) {
   for (uint32_t j = 0; j < m; j++) raw_tmp[j] = (float)o->raw[j];
-  /* Arguments were validated; a transform of finite sums cannot fail. */
-  pvl_policy_scores(p, m, raw_tmp, o->seen, o->n_rows, out);
+  pvl_status st = pvl_policy_scores(p, m, raw_tmp, o->seen, o->n_rows, out);
+  if (st != PVL_SUCCESS)
+    return pvl__fail(c, st, fn, "scores of layer %u: %s", layer,
+                     pvl_create_last_error());
+  return PVL_SUCCESS;
 }
 
 /* Keep lists of every layer: the kept prompt positions, then the decoded
@@ -198,7 +226,9 @@ static pvl_status select_layers(pvl_cache *c, const pvl_policy *p,
     for (uint32_t l = 0; l < L; l++) {
       const uint32_t k = budget[l] < m ? budget[l] : m;
       uint32_t *kl = keep + koff[l];
-      pvl__select(c->alloc, p, m, k, NULL, kl); /* allocates nothing */
+      pvl_status st = pvl__select(c->alloc, p, m, k, NULL, kl);
+      if (st != PVL_SUCCESS)
+        return pvl__fail(c, st, "pvl_compress", "selection of layer %u", l);
       for (uint32_t j = m; j < s->tables[l].n_tokens; j++) kl[k + (j - m)] = j;
     }
     return PVL_SUCCESS;
@@ -212,16 +242,18 @@ static pvl_status select_layers(pvl_cache *c, const pvl_policy *p,
     total += m - r;
     total_top += k - r;
   }
+  /* Messages name the public function: this helper is not one. */
   if (total > INT32_MAX)
-    return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
-                    "%llu candidates exceed the selection kernel's int32",
-                    (unsigned long long)total);
+    return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, "pvl_compress",
+                     "%llu candidates exceed the selection kernel's int32",
+                     (unsigned long long)total);
   const size_t bytes = (size_t)total * sizeof(float) +
                        2 * (size_t)m * sizeof(float) +
                        (3 * (size_t)L + 1) * sizeof(int32_t) +
                        (size_t)total_top * sizeof(int32_t) + 16;
   char *mem = pvl__alloc(c->alloc, bytes);
-  if (!mem) return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "selection staging");
+  if (!mem)
+    return pvl__fail(c, PVL_ERR_NO_MEMORY, "pvl_compress", "selection staging");
   float *sc = (float *)mem, *raw_tmp = sc + total, *full = raw_tmp + m;
   int32_t *seg_off = (int32_t *)(full + m);
   int32_t *n_top = seg_off + L + 1, *keep_off = n_top + L;
@@ -233,7 +265,12 @@ static pvl_status select_layers(pvl_cache *c, const pvl_policy *p,
     if (k >= m) continue;
     const uint32_t r = pvl__policy_recent(p, m, k);
     /* The transform needs all m keys; the first m - r compete. */
-    obs_scores(p, obs[l], m, raw_tmp, full);
+    pvl_status st =
+        obs_scores(c, p, obs[l], m, l, raw_tmp, full, "pvl_compress");
+    if (st != PVL_SUCCESS) {
+      pvl__free(c->alloc, mem, bytes);
+      return st;
+    }
     memcpy(sc + so, full, (size_t)(m - r) * sizeof(float));
     seg_off[n_seg] = so;
     n_top[n_seg] = (int32_t)(k - r);
@@ -249,7 +286,7 @@ static pvl_status select_layers(pvl_cache *c, const pvl_policy *p,
                            (uint32_t)total, top, (uint32_t)total_top, stream);
   if (st != PVL_SUCCESS) {
     pvl__free(c->alloc, mem, bytes);
-    return PVL_PREFIX(c, st);
+    return pvl__prefix(c, st, "pvl_compress");
   }
   uint32_t seg = 0;
   for (uint32_t l = 0; l < L; l++) {
@@ -334,6 +371,16 @@ static pvl_status compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
     goto out;
   pvl_obs *const *obs = ds.obs ? ds.obs : s->obs;
   const uint32_t H = ds.obs ? c->dist->model_q_heads : c->cfg.num_q_heads;
+
+  /* The observations a scored policy selects from must be finite: one step,
+   * right before the budgets, over the data as the selection reads it. A
+   * non-finite one fails the whole call before anything changes; the user
+   * may free the sequence, or compress with full or streaming, which read
+   * no observation. */
+  for (uint32_t l = 0; scored && l < L; l++) {
+    st = obs_check_finite(c, obs[l], l, fn);
+    if (st != PVL_SUCCESS) goto out;
+  }
 
   for (uint32_t l = 0; l < L; l++) {
     const pvl_obs *o = obs ? obs[l] : NULL;
@@ -467,7 +514,12 @@ static pvl_status decode_cap(pvl_cache *c, pvl_seq_id id, uint32_t layer,
     o = comb;
   }
   char *mem = NULL;
-  size_t bytes = (2 * (size_t)n) * sizeof(float) + (size_t)k * 4;
+  size_t bytes = 0;
+  if (scored) {
+    st = obs_check_finite(c, o, layer, fn);
+    if (st != PVL_SUCCESS) goto done;
+  }
+  bytes = (2 * (size_t)n) * sizeof(float) + (size_t)k * 4;
   mem = pvl__alloc(c->alloc, bytes);
   if (!mem) {
     st = pvl__fail(c, PVL_ERR_NO_MEMORY, fn, "decode cap scratch");
@@ -475,7 +527,10 @@ static pvl_status decode_cap(pvl_cache *c, pvl_seq_id id, uint32_t layer,
   }
   float *raw_tmp = (float *)mem, *scores = raw_tmp + n;
   uint32_t *keep = (uint32_t *)(scores + n);
-  if (scored) obs_scores(p, o, n, raw_tmp, scores);
+  if (scored) {
+    st = obs_scores(c, p, o, n, layer, raw_tmp, scores, fn);
+    if (st != PVL_SUCCESS) goto done;
+  }
   st = pvl__select(c->alloc, p, n, k, scores, keep);
   if (st != PVL_SUCCESS) {
     st = pvl__fail(c, st, fn, "selection scratch");

@@ -592,7 +592,7 @@ static pvl_status seq_retain(pvl_cache *c, pvl_seq_id id, uint32_t layer,
                              const uint32_t *keep, uint32_t n_keep,
                              void *stream) {
   static const char fn[] = "pvl_seq_retain";
-  if (!c) return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "cache is NULL");
+  if (!c) return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn, "cache is NULL");
   pvl_table *t = NULL;
   pvl_status st = lookup_layer(c, id, layer, &t, fn);
   if (st != PVL_SUCCESS) return st;
@@ -723,7 +723,9 @@ pvl_status pvl_seq_blocks(const pvl_cache *c, pvl_seq_id id, uint32_t layer,
   if (cap < t->n_blocks)
     return PVL_FAIL(c, PVL_ERR_CAPACITY, "cap = %u < %u blocks", cap,
                     t->n_blocks);
-  memcpy(ids, t->blocks, t->n_blocks * sizeof(int32_t));
+  /* An emptied layer (retain with n_keep = 0) has no blocks, and ids may
+   * then be NULL: memcpy's pointers must be valid even for 0 bytes. */
+  if (t->n_blocks) memcpy(ids, t->blocks, t->n_blocks * sizeof(int32_t));
   *n = t->n_blocks;
   return PVL_SUCCESS;
 }

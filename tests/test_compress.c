@@ -320,10 +320,10 @@ Test(observe, matches_dense_reference_on_fragmented_pages) {
       hk_write(c, s, &h, &r, 0, m, 0, 1.5f);
       for (uint32_t l = 0; l < L; l++) n_frag += fragmented(c, s, l);
       n_cases++;
-      /* Rows: a random range, possibly reaching past the prompt (those see
-       * every key), observed in up to three chunks. */
-      const uint32_t first = rbelow(&r, m + 2);
-      const uint32_t rows = rrange(&r, 1, m + 3 - first);
+      /* Rows: a random range of the prompt's queries (rows past the
+       * sequence's tokens are refused), observed in up to three chunks. */
+      const uint32_t first = rbelow(&r, m);
+      const uint32_t rows = rrange(&r, 1, m - first);
       const float p = seed % 2 ? 0.01f : 0.2f;
       const float scale = seed % 3 == 0 ? 0.0f : runif(&r, 0.3f, 2.0f);
       const double sc = scale == 0.0f ? 1.0 / sqrt((double)d) : scale;
