@@ -654,3 +654,132 @@ Test(gpu, unsupported_shapes_are_refused) {
   cr_assert_eq(pvl_cache_create(&cfg, &c), PVL_ERR_UNSUPPORTED);
   cr_assert_null(c);
 }
+
+/* ---- non-finite observation inputs ---- */
+
+/* The GPU does not read q on the host, so non-finite inputs reach the
+ * observe kernel: a NaN query element, +Inf in a cached K, or q . k
+ * overflowing float (bf16 3e38 against positive keys: +Inf logits; -3e38:
+ * every logit of the row -Inf). Each must leave non-finite per-key sums,
+ * which pvl_compress and pvl_decode_cap refuse with BAD_STATE naming the
+ * layer, changing nothing (pagedvl.h, conventions). A finite control
+ * compresses. Layer 1 gets the bad input. */
+typedef enum nf_kind {
+  NF_NONE,
+  NF_NAN_Q,
+  NF_INF_K,
+  NF_BIG_Q,
+  NF_NEG_BIG_Q
+} nf_kind;
+
+static void put_elem(pvl_dtype dt, void *p, size_t i, float f) {
+  if (dt == PVL_DTYPE_F16) {
+    uint16_t h = pvl__f32_to_f16(f);
+    memcpy((char *)p + i * 2, &h, 2);
+  } else {
+    uint16_t h = pvl__f32_to_bf16(f);
+    memcpy((char *)p + i * 2, &h, 2);
+  }
+}
+
+static void nonfinite_case(pvl_dtype dt, nf_kind kind, bool cap) {
+  const uint32_t L = 2, hq = 4, hkv = 2, d = 64, m = 64;
+  pvl_config cfg;
+  pvl_config_init(&cfg);
+  cfg.backend = PVL_BACKEND_CUDA;
+  cfg.dtype = dt;
+  cfg.num_layers = L;
+  cfg.num_q_heads = hq;
+  cfg.num_kv_heads = hkv;
+  cfg.head_dim = d;
+  cfg.block_size = 16;
+  cfg.num_blocks = 64;
+  pvl_cache *c = NULL;
+  cr_assert_eq(pvl_cache_create(&cfg, &c), PVL_SUCCESS, "%s",
+               pvl_create_last_error());
+  const pvl_span vis = {4, 40}; /* VL-Cache observes rows [40, 64) */
+  pvl_seq_id s;
+  cr_assert_eq(pvl_seq_add(c, m, &vis, 1, &s), PVL_SUCCESS);
+  pvl_policy p;
+  pvl_policy_init(&p, PVL_POLICY_VLCACHE);
+  p.keep_ratio = 0.5f;
+  if (cap) {
+    p.decode_cap = 16;
+    p.decode_cap_slack = 2;
+  }
+  uint32_t first, rows, fb;
+  cr_assert_eq(pvl_policy_rows(&p, c, s, &first, &rows, &fb), PVL_SUCCESS);
+  const size_t es = pvl_dtype_size(dt), cnt = (size_t)m * hkv * d;
+  const size_t nq = (size_t)rows * hq * d;
+  void *k = malloc(cnt * es), *v = malloc(cnt * es), *q = malloc(nq * es);
+  for (uint32_t l = 0; l < L; l++) {
+    /* Keys in [0.25, 0.75): every component positive. */
+    for (size_t i = 0; i < cnt; i++) {
+      put_elem(dt, k, i, 0.5f + 0.25f * rng_unit());
+      put_elem(dt, v, i, rng_unit());
+    }
+    for (size_t i = 0; i < nq; i++) put_elem(dt, q, i, rng_unit());
+    if (l == 1) {
+      if (kind == NF_INF_K) /* slot 50, seen by rows 50..63 */
+        put_elem(dt, k, (size_t)50 * hkv * d + 5, INFINITY);
+      if (kind == NF_NAN_Q) put_elem(dt, q, ((size_t)1 * hq + 1) * d + 3, NAN);
+      if (kind == NF_BIG_Q || kind == NF_NEG_BIG_Q)
+        for (size_t e = 0; e < (size_t)hq * d; e++)
+          put_elem(dt, q, (size_t)hq * d + e,
+                   kind == NF_BIG_Q ? 3e38f : -3e38f);
+    }
+    void *dk = to_dev(k, cnt * es), *dv = to_dev(v, cnt * es);
+    void *dq = to_dev(q, nq * es);
+    cr_assert_eq(pvl_kv_write(c, s, l, 0, m, dk, dv, NULL), PVL_SUCCESS, "%s",
+                 pvl_cache_last_error(c));
+    cr_assert_eq(pvl_observe(c, s, l, dq, first, rows, p.threshold, 0, NULL),
+                 PVL_SUCCESS, "%s", pvl_cache_last_error(c));
+    cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+    cudaFree(dk);
+    cudaFree(dv);
+    cudaFree(dq);
+  }
+  free(k);
+  free(v);
+  free(q);
+  pvl_stats st0, st1;
+  pvl_seq_info in0, in1;
+  uint32_t pos0[64], pos1[64], n0 = 0, n1 = 0;
+  cr_assert_eq(pvl_cache_get_stats(c, &st0), PVL_SUCCESS);
+  cr_assert_eq(pvl_seq_get_info(c, s, &in0), PVL_SUCCESS);
+  cr_assert_eq(pvl_seq_positions(c, s, 1, pos0, 64, &n0), PVL_SUCCESS);
+  uint32_t did = 77;
+  const pvl_status got = cap ? pvl_decode_cap(c, s, 1, &p, &did, NULL)
+                             : pvl_compress(c, s, &p, NULL, NULL);
+  const char *what = cap ? "pvl_decode_cap" : "pvl_compress";
+  if (kind == NF_NONE) {
+    cr_assert_eq(got, PVL_SUCCESS, "%s, finite control: %s", what,
+                 pvl_cache_last_error(c));
+  } else {
+    cr_assert_eq(got, PVL_ERR_BAD_STATE, "%s, dtype %d, kind %d: %s (%s)", what,
+                 (int)dt, (int)kind, pvl_status_string(got),
+                 pvl_cache_last_error(c));
+    cr_assert(strstr(pvl_cache_last_error(c), "layer 1"), "%s",
+              pvl_cache_last_error(c));
+    cr_assert_eq(did, 77);
+    cr_assert_eq(pvl_cache_get_stats(c, &st1), PVL_SUCCESS);
+    cr_assert_eq(pvl_seq_get_info(c, s, &in1), PVL_SUCCESS);
+    cr_assert_eq(pvl_seq_positions(c, s, 1, pos1, 64, &n1), PVL_SUCCESS);
+    cr_assert(memcmp(&st0, &st1, sizeof(st0)) == 0, "pool stats changed");
+    cr_assert(memcmp(&in0, &in1, sizeof(in0)) == 0, "sequence changed");
+    cr_assert(n0 == n1 && memcmp(pos0, pos1, n0 * 4) == 0, "positions changed");
+  }
+  pvl_cache_destroy(c);
+}
+
+Test(gpu, non_finite_observation_is_refused) {
+  require_gpu();
+  rng_state = 0x5555;
+  for (int cap = 0; cap < 2; cap++) {
+    const nf_kind f16_kinds[] = {NF_NONE, NF_NAN_Q, NF_INF_K};
+    for (int i = 0; i < 3; i++)
+      nonfinite_case(PVL_DTYPE_F16, f16_kinds[i], cap);
+    for (int kind = NF_NONE; kind <= NF_NEG_BIG_Q; kind++)
+      nonfinite_case(PVL_DTYPE_BF16, (nf_kind)kind, cap);
+  }
+}
