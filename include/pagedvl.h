@@ -334,9 +334,10 @@ typedef struct pvl_config {
   size_t size;          /* sizeof(pvl_config), set by pvl_config_init */
   pvl_backend backend;  /* default PVL_BACKEND_AUTO */
   int32_t device;       /* CUDA device ordinal, default 0; CUDA: in [0,
-                           device count), the CPU ignores it. Create makes
-                           it current; keep it current for the cache's
-                           calls (as with an NCCL communicator) */
+                           device count), the CPU ignores it. Every call
+                           that touches the GPU makes it current and
+                           restores the caller's device, so one thread may
+                           drive caches on several GPUs */
   pvl_dtype dtype;      /* K/V/Q/output element type, default F16; F32 is
                            CPU only */
   uint32_t num_layers;  /* layers this cache holds: 1..4096 */

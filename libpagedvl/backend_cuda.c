@@ -451,22 +451,138 @@ static pvl_status cuda_select_top(pvl_cache *c, const float *scores,
   return PVL_SUCCESS;
 }
 
+/* ---- the cache's device around every entry point ----
+ *
+ * A cache belongs to its device. One thread may drive caches on several
+ * GPUs (a pipeline or tensor-parallel run without a thread per GPU), so
+ * every entry point that touches the GPU makes the cache's device current
+ * and restores the caller's afterwards; cudaSetDevice only when they
+ * differ, so the common one-GPU case costs one cudaGetDevice. */
+
+static pvl_status dev_enter(const pvl_cache *c, int *prev, const char *fn) {
+  cudaError_t e = cudaGetDevice(prev);
+  if (e != cudaSuccess) return cuda_fail(c, e, fn, "cudaGetDevice");
+  if (*prev == c->cfg.device) return PVL_SUCCESS;
+  e = cudaSetDevice(c->cfg.device);
+  if (e != cudaSuccess) return cuda_fail(c, e, fn, "cudaSetDevice");
+  return PVL_SUCCESS;
+}
+
+static void dev_leave(const pvl_cache *c, int prev) {
+  if (prev != c->cfg.device) cudaSetDevice(prev);
+}
+
+/* Calls `call` with the cache's device current. */
+#define ON_DEVICE(c, call)                                                     \
+  do {                                                                         \
+    int prev_ = 0;                                                             \
+    pvl_status st_ = dev_enter((c), &prev_, __func__);                         \
+    if (st_ != PVL_SUCCESS) return st_;                                        \
+    st_ = (call);                                                              \
+    dev_leave((c), prev_);                                                     \
+    return st_;                                                                \
+  } while (0)
+
+/* Creation validates the ordinal and makes the device current itself; the
+ * caller's device (if it has one yet) comes back afterwards. */
+static pvl_status dev_init(pvl_cache *c) {
+  int prev = 0;
+  const bool had = cudaGetDevice(&prev) == cudaSuccess;
+  if (!had) (void)cudaGetLastError();
+  pvl_status st = cuda_init(c);
+  if (had && prev != c->cfg.device) cudaSetDevice(prev);
+  return st;
+}
+
+static void dev_fini(pvl_cache *c) {
+  int prev = 0;
+  const bool in = dev_enter(c, &prev, __func__) == PVL_SUCCESS;
+  cuda_fini(c);
+  if (in) dev_leave(c, prev);
+}
+
+static pvl_status dev_copy_blocks(pvl_cache *c, const int32_t *src,
+                                  const int32_t *dst, uint32_t n,
+                                  void *stream) {
+  ON_DEVICE(c, cuda_copy_blocks(c, src, dst, n, stream));
+}
+
+static pvl_status dev_gather(pvl_cache *c, const int64_t *src_slots,
+                             const int32_t *dst_blocks, uint32_t n,
+                             void *stream) {
+  ON_DEVICE(c, cuda_gather(c, src_slots, dst_blocks, n, stream));
+}
+
+static pvl_status dev_write_range(pvl_cache *c, const int32_t *blocks,
+                                  uint32_t first, uint32_t n, const void *k,
+                                  const void *v, void *stream) {
+  ON_DEVICE(c, cuda_write_range(c, blocks, first, n, k, v, stream));
+}
+
+static pvl_status dev_read_range(const pvl_cache *c, const int32_t *blocks,
+                                 uint32_t first, uint32_t n, void *k, void *v,
+                                 void *stream) {
+  ON_DEVICE(c, cuda_read_range(c, blocks, first, n, k, v, stream));
+}
+
+static pvl_status dev_plan_init(pvl_plan *p) {
+  ON_DEVICE(p->cache, cuda_plan_init(p));
+}
+
+static void dev_plan_fini(pvl_plan *p) {
+  int prev = 0;
+  const bool in = dev_enter(p->cache, &prev, __func__) == PVL_SUCCESS;
+  cuda_plan_fini(p);
+  if (in) dev_leave(p->cache, prev);
+}
+
+static pvl_status dev_plan_upload(pvl_plan *p, const int32_t *pairs, uint32_t n,
+                                  void *stream) {
+  ON_DEVICE(p->cache, cuda_plan_upload(p, pairs, n, stream));
+}
+
+static pvl_status dev_plan_kv_write(pvl_plan *p, uint32_t layer, const void *k,
+                                    const void *v, void *stream) {
+  ON_DEVICE(p->cache, cuda_plan_kv_write(p, layer, k, v, stream));
+}
+
+static pvl_status dev_attention(pvl_plan *p, uint32_t layer, const void *q,
+                                void *out, float scale, void *stream) {
+  ON_DEVICE(p->cache, cuda_attention(p, layer, q, out, scale, stream));
+}
+
+static pvl_status dev_observe(pvl_cache *c, const pvl_table *t, const void *q,
+                              uint32_t first_pos, uint32_t n_rows, float scale,
+                              float log_p, pvl_obs *obs, void *stream) {
+  ON_DEVICE(
+      c, cuda_observe(c, t, q, first_pos, n_rows, scale, log_p, obs, stream));
+}
+
+static pvl_status dev_select_top(pvl_cache *c, const float *scores,
+                                 const int32_t *seg_off, const int32_t *n_top,
+                                 const int32_t *keep_off, uint32_t n_seg,
+                                 uint32_t total, int32_t *keep,
+                                 uint32_t total_keep, void *stream) {
+  ON_DEVICE(c, cuda_select_top(c, scores, seg_off, n_top, keep_off, n_seg,
+                               total, keep, total_keep, stream));
+}
+
 static const pvl_backend_ops g_cuda = {
     .name = "cuda",
-    .init = cuda_init,
+    .init = dev_init,
     .available = cuda_available,
-    .fini = cuda_fini,
-    .copy_blocks = cuda_copy_blocks,
-    .gather = cuda_gather,
-    .write_range = cuda_write_range,
-    .read_range = cuda_read_range,
-    .plan_init = cuda_plan_init,
-    .plan_fini = cuda_plan_fini,
-    .plan_upload = cuda_plan_upload,
-    .plan_kv_write = cuda_plan_kv_write,
-    .attention = cuda_attention,
-    .observe = cuda_observe,
-    .select_top = cuda_select_top,
+    .fini = dev_fini,
+    .copy_blocks = dev_copy_blocks,
+    .gather = dev_gather,
+    .write_range = dev_write_range,
+    .read_range = dev_read_range,
+    .plan_init = dev_plan_init,
+    .plan_fini = dev_plan_fini,
+    .plan_upload = dev_plan_upload,
+    .plan_kv_write = dev_plan_kv_write,
+    .attention = dev_attention,
+    .observe = dev_observe,
+    .select_top = dev_select_top,
 };
 
 const pvl_backend_ops *pvl__cuda_backend(void) { return &g_cuda; }

@@ -74,7 +74,9 @@ static void rfail(rank_ctx *rc, const char *fmt, ...) {
   } while (0)
 
 /* Runs fn on n ranks of a fresh in-process communicator and asserts that
- * no rank failed. ctx receives the ranks' contexts (arg set on each). */
+ * no rank failed. ctx receives the ranks' contexts (arg set on each). A
+ * rank that stops early leaves the others waiting in their next
+ * collective: every test has a timeout, so such a failure ends as one. */
 static void run_ranks(uint32_t n, rank_fn fn, void *const *args,
                       rank_ctx *ctx) {
   pvl_comm *comms[MAX_RANKS];
@@ -439,7 +441,7 @@ Test(dist, heads_equal_one_cache, .timeout = 120) {
       check_equiv(k_dtypes[d], PVL_SPLIT_HEADS, k_ranks[i], false);
 }
 
-Test(dist, ranges_in_any_rank_order) {
+Test(dist, ranges_in_any_rank_order, .timeout = 60) {
   check_equiv(PVL_DTYPE_F32, PVL_SPLIT_LAYERS, 3, true);
   check_equiv(PVL_DTYPE_BF16, PVL_SPLIT_HEADS, 3, true);
 }
@@ -549,7 +551,7 @@ static void check_admission(pvl_split split, uint32_t nranks,
   cr_assert_eq(args[0].app_st[args[0].n_app - 1], PVL_ERR_OUT_OF_BLOCKS);
 }
 
-Test(dist, layer_split_admission_and_append_agree) {
+Test(dist, layer_split_admission_and_append_agree, .timeout = 60) {
   /* Same pools, different layer counts (2 and 3 of 5): the rank with more
    * layers runs out first, and decides for all. */
   const uint32_t nb2[] = {40, 40};
@@ -559,7 +561,7 @@ Test(dist, layer_split_admission_and_append_agree) {
   check_admission(PVL_SPLIT_LAYERS, 3, nb3);
 }
 
-Test(dist, head_split_admission_and_append_agree) {
+Test(dist, head_split_admission_and_append_agree, .timeout = 60) {
   const uint32_t nb[] = {45, 45, 45, 45};
   check_admission(PVL_SPLIT_HEADS, 4, nb);
 }
@@ -728,12 +730,12 @@ static void check_inject(pvl_split split, uint32_t nranks, uint32_t bad) {
   }
 }
 
-Test(dist, failure_on_one_rank_fails_all_layers) {
+Test(dist, failure_on_one_rank_fails_all_layers, .timeout = 60) {
   check_inject(PVL_SPLIT_LAYERS, 2, 1);
   check_inject(PVL_SPLIT_LAYERS, 4, 2);
 }
 
-Test(dist, failure_on_one_rank_fails_all_heads) {
+Test(dist, failure_on_one_rank_fails_all_heads, .timeout = 60) {
   check_inject(PVL_SPLIT_HEADS, 2, 1);
   check_inject(PVL_SPLIT_HEADS, 3, 0);
 }
@@ -767,7 +769,7 @@ static void create_rank(rank_ctx *rc) {
   RCHECK(rc, a->st != PVL_SUCCESS && c == NULL, "creation succeeded");
 }
 
-Test(dist, creation_fails_on_every_rank) {
+Test(dist, creation_fails_on_every_rank, .timeout = 60) {
   const pvl_status want[] = {PVL_ERR_BAD_STATE, PVL_ERR_INVALID_ARGUMENT,
                              PVL_ERR_INVALID_ARGUMENT,
                              PVL_ERR_INVALID_ARGUMENT};
@@ -824,7 +826,7 @@ static void order_rank(rank_ctx *rc) {
   pvl_cache_destroy(c);
 }
 
-Test(dist, out_of_order_and_disagreeing_calls_fail_clearly) {
+Test(dist, out_of_order_and_disagreeing_calls_fail_clearly, .timeout = 60) {
   order_arg args[2];
   void *ap[2] = {&args[0], &args[1]};
   memset(args, 0, sizeof(args));
@@ -850,7 +852,7 @@ Test(dist, out_of_order_and_disagreeing_calls_fail_clearly) {
 
 /* ---- the communicator itself ---- */
 
-Test(dist, comm_basics) {
+Test(dist, comm_basics, .timeout = 60) {
   pvl_comm *cs[3];
   cr_assert_eq(pvl_comm_create_local(0, cs), PVL_ERR_INVALID_ARGUMENT);
   cr_assert_eq(pvl_comm_create_local(2000, cs), PVL_ERR_INVALID_ARGUMENT);
@@ -904,6 +906,6 @@ Test(dist, comm_basics) {
 }
 
 /* One rank of a communicator of size 1: the same as no communicator. */
-Test(dist, one_rank_is_one_cache) {
+Test(dist, one_rank_is_one_cache, .timeout = 60) {
   check_equiv(PVL_DTYPE_F16, PVL_SPLIT_LAYERS, 1, false);
 }
