@@ -340,10 +340,12 @@ typedef struct pvl_config {
                            drive caches on several GPUs */
   pvl_dtype dtype;      /* K/V/Q/output element type, default F16; F32 is
                            CPU only */
-  uint32_t num_layers;  /* layers this cache holds: 1..4096 */
+  uint32_t num_layers;  /* layers this cache holds: 1..4096 (0 asks a
+                           split by layers for the even split, below) */
   uint32_t num_q_heads; /* query heads: 1..16384, a multiple of
                            num_kv_heads (CUDA: at most 8 per KV head) */
-  uint32_t num_kv_heads;/* KV heads this cache holds: 1..1024 */
+  uint32_t num_kv_heads;/* KV heads this cache holds: 1..1024 (0 asks a
+                           split by heads for the even split, below) */
   uint32_t head_dim;    /* CPU: 1..1024; CUDA kernels: 64, 128 or 256 */
   uint32_t block_size;  /* tokens per block. CPU: 1..1024; CUDA: 16 or 32 */
   uint32_t num_blocks;  /* blocks in the pool: 1..INT32_MAX (block ids are
@@ -366,14 +368,17 @@ typedef struct pvl_config {
                            num_layers = 0 for the even split
                            (pvl_split_range), else layer_begin and
                            num_layers give this rank's range; the ranges
-                           must tile [0, model_num_layers) */
+                           must tile [0, model_num_layers), so it is at
+                           most 4096 x the ranks */
   uint32_t layer_begin;
   uint32_t model_num_kv_heads; /* HEADS: KV heads of the whole model. Set
                            num_kv_heads = 0 and num_q_heads = the model's
                            query heads for the even split, else
                            kv_head_begin, num_kv_heads and num_q_heads (this
                            rank's) give the range; every rank keeps the
-                           model's GQA ratio */
+                           model's GQA ratio. The ranges tile [0,
+                           model_num_kv_heads), so it is at most 1024 x
+                           the ranks */
   uint32_t kv_head_begin;
 } pvl_config;
 
