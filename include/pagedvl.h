@@ -143,6 +143,16 @@ PVL_API const char *pvl_status_string(pvl_status status);
 /* PVL_VERSION of the library actually loaded. */
 PVL_API uint32_t pvl_version(void);
 
+/* Layout of the public types as this library was compiled, for bindings
+ * that declare the structs themselves (the Python package checks its ctypes
+ * declarations with it at import). `type` names a struct, enum or typedef
+ * of this header ("pvl_config", "pvl_status", "pvl_seq_id"). field = NULL:
+ * *size = sizeof(type), *offset = 0; else *size and *offset are the
+ * sizeof and offsetof of that member. INVALID_ARGUMENT for an unknown type
+ * or field (message in pvl_create_last_error). */
+PVL_API pvl_status pvl_abi_layout(const char *type, const char *field,
+                                  size_t *size, size_t *offset);
+
 /* ------------------------------------------------------------------------ */
 /* Configuration                                                            */
 /* ------------------------------------------------------------------------ */
@@ -421,11 +431,11 @@ PVL_API pvl_status pvl_cache_config(const pvl_cache *cache, pvl_config *out);
 PVL_API const char *pvl_cache_last_error(const pvl_cache *cache);
 
 /* Message of the last failing call of the calling thread that had no cache
- * to record it in: pvl_cache_create, pvl_config_init and the pvl_policy_*
- * functions. Thread-local; valid until that thread's next such failure.
- * Also written by pvl_backend_available and by any call whose cache or plan
- * argument is NULL; not by pvl_policy_rows given a cache, which records in
- * that cache like every call that has one. */
+ * to record it in: pvl_cache_create, pvl_config_init, pvl_abi_layout and
+ * the pvl_policy_* functions. Thread-local; valid until that thread's next
+ * such failure. Also written by pvl_backend_available and by any call whose
+ * cache or plan argument is NULL; not by pvl_policy_rows given a cache,
+ * which records in that cache like every call that has one. */
 PVL_API const char *pvl_create_last_error(void);
 
 /* ------------------------------------------------------------------------ */

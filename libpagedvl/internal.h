@@ -449,4 +449,16 @@ PVL_INTERNAL pvl_status pvl__cache_check(const pvl_cache *c, char *msg,
                                          size_t msg_len);
 PVL_INTERNAL uint32_t pvl__block_refcount(const pvl_cache *c, int32_t block);
 
+/* ---- the layout table of pvl_abi_layout (abi.c), for tests ---- */
+
+/* Type i of the table (i < pvl__abi_num_types()): name, sizeof, alignof and
+ * field count (0 for enums and scalars); field j of type i in declaration
+ * order. INVALID_ARGUMENT past the end. */
+PVL_INTERNAL size_t pvl__abi_num_types(void);
+PVL_INTERNAL pvl_status pvl__abi_type(size_t i, const char **name,
+                                      size_t *size, size_t *align,
+                                      size_t *n_fields);
+PVL_INTERNAL pvl_status pvl__abi_field(size_t i, size_t j, const char **name,
+                                       size_t *offset, size_t *size);
+
 #endif /* PVL_INTERNAL_H */
