@@ -263,8 +263,11 @@ typedef struct pvl_allocator {
  * the collective calls of different ranks come from different threads (one
  * thread per rank). Non-collective calls of several ranks' caches may come
  * from one thread: each call makes its cache's device current and restores
- * the caller's. One thread driving all ranks' collectives (NCCL group
- * calls) is not supported yet.
+ * the caller's. A program with one thread for all its GPUs runs a step's
+ * collective calls through pvl_run_ranks, which gives each rank a thread
+ * of its own for that step. (NCCL group calls cannot serve here: each
+ * collective call's later steps depend on the host-side result of its
+ * earlier exchanges, which a group only delivers at ncclGroupEnd.)
  */
 
 typedef struct pvl_comm pvl_comm;
@@ -315,6 +318,19 @@ PVL_API pvl_status pvl_comm_size(const pvl_comm *comm, int32_t *size);
  * destroyed first. An owned NCCL communicator is destroyed
  * (ncclCommDestroy), an adopted one is not. Local. */
 PVL_API pvl_status pvl_comm_destroy(pvl_comm *comm);
+
+/* Runs fn(arg, r) for every rank r in [0, n) at once, ranks 1..n-1 on
+ * threads of their own and rank 0 on the calling thread, and returns when
+ * all have returned: how one thread drives the collective calls of all its
+ * ranks (all its GPUs), e.g. a decode step's pvl_seq_append on every
+ * rank's cache. statuses[r] (may be NULL) receives fn's return value; the
+ * result is the status of the lowest rank that failed, or SUCCESS. If a
+ * thread cannot be started, fn runs on no rank and NO_MEMORY is returned
+ * (statuses untouched). Costs a thread start per rank per call (tens of
+ * microseconds). Local: not itself a collective. */
+PVL_API pvl_status pvl_run_ranks(uint32_t n,
+                                 pvl_status (*fn)(void *arg, uint32_t rank),
+                                 void *arg, pvl_status *statuses);
 
 /* The even split of `total` items over `nranks`: rank r gets
  * [total * r / nranks, total * (r + 1) / nranks). Pure function; what the

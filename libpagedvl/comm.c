@@ -183,6 +183,92 @@ pvl_status pvl_comm_destroy(pvl_comm *comm) {
   return PVL_SUCCESS;
 }
 
+/* ---- one thread driving several ranks ---- */
+
+typedef struct run_shared {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int go; /* 0: wait; 1: run; -1: a thread failed to start, run nothing */
+  pvl_status (*fn)(void *arg, uint32_t rank);
+  void *arg;
+} run_shared;
+
+typedef struct run_slot {
+  run_shared *sh;
+  uint32_t rank;
+  pvl_status st;
+  bool ran;
+} run_slot;
+
+static void *run_main(void *p) {
+  run_slot *rs = p;
+  run_shared *sh = rs->sh;
+  pthread_mutex_lock(&sh->mu);
+  while (sh->go == 0) pthread_cond_wait(&sh->cv, &sh->mu);
+  const int go = sh->go;
+  pthread_mutex_unlock(&sh->mu);
+  if (go == 1) {
+    rs->st = sh->fn(sh->arg, rs->rank);
+    rs->ran = true;
+  }
+  return NULL;
+}
+
+static void run_release(run_shared *sh, int go) {
+  pthread_mutex_lock(&sh->mu);
+  sh->go = go;
+  pthread_cond_broadcast(&sh->cv);
+  pthread_mutex_unlock(&sh->mu);
+}
+
+pvl_status pvl_run_ranks(uint32_t n, pvl_status (*fn)(void *arg, uint32_t rank),
+                         void *arg, pvl_status *statuses) {
+  if (n == 0 || n > 1024 || !fn)
+    return PVL_FAIL(NULL, PVL_ERR_INVALID_ARGUMENT,
+                    "n = %u (must be in [1, 1024]) or fn is NULL", n);
+  const pvl_allocator *a = comm_alloc();
+  run_slot *slots = pvl__alloc(a, n * sizeof(run_slot));
+  pthread_t *th = pvl__alloc(a, n * sizeof(pthread_t));
+  if (!slots || !th) {
+    pvl__free(a, slots, n * sizeof(run_slot));
+    pvl__free(a, th, n * sizeof(pthread_t));
+    return PVL_FAIL(NULL, PVL_ERR_NO_MEMORY, "%u rank slots", n);
+  }
+  run_shared sh = {.go = 0, .fn = fn, .arg = arg};
+  pthread_mutex_init(&sh.mu, NULL);
+  pthread_cond_init(&sh.cv, NULL);
+  /* Every thread waits at the gate until all exist: a collective started
+   * by some ranks while another rank's thread cannot start would wait
+   * forever. */
+  uint32_t started = 0;
+  for (uint32_t r = 1; r < n; r++, started++) {
+    slots[r] = (run_slot){&sh, r, PVL_SUCCESS, false};
+    if (pthread_create(&th[r], NULL, run_main, &slots[r]) != 0) break;
+  }
+  const bool all = started == n - 1;
+  run_release(&sh, all ? 1 : -1);
+  pvl_status st0 = PVL_SUCCESS;
+  if (all) st0 = fn(arg, 0);
+  for (uint32_t r = 1; r <= started; r++) pthread_join(th[r], NULL);
+  pthread_cond_destroy(&sh.cv);
+  pthread_mutex_destroy(&sh.mu);
+  pvl_status st = PVL_SUCCESS;
+  if (!all) {
+    st = PVL_FAIL(NULL, PVL_ERR_NO_MEMORY,
+                  "could not start the thread of rank %u; no rank ran",
+                  started + 1);
+  } else {
+    slots[0].st = st0;
+    for (uint32_t r = 0; r < n; r++) {
+      if (statuses) statuses[r] = slots[r].st;
+      if (st == PVL_SUCCESS) st = slots[r].st;
+    }
+  }
+  pvl__free(a, slots, n * sizeof(run_slot));
+  pvl__free(a, th, n * sizeof(pthread_t));
+  return st;
+}
+
 pvl_status pvl_split_range(uint32_t total, uint32_t nranks, uint32_t rank,
                            uint32_t *begin, uint32_t *count) {
   if (!begin || !count)

@@ -77,6 +77,21 @@ static void rfail(rank_ctx *rc, const char *fmt, ...) {
  * no rank failed. ctx receives the ranks' contexts (arg set on each). A
  * rank that stops early leaves the others waiting in their next
  * collective: every test has a timeout, so such a failure ends as one. */
+/* Set by a test: the ranks run through pvl_run_ranks from the test's own
+ * thread (one thread driving every rank) instead of threads made here. */
+static bool g_one_thread;
+
+typedef struct drive {
+  rank_ctx *ctx;
+  rank_fn fn;
+} drive;
+
+static pvl_status drive_rank(void *arg, uint32_t r) {
+  drive *dv = arg;
+  dv->fn(&dv->ctx[r]);
+  return dv->ctx[r].err[0] ? PVL_ERR_INTERNAL : PVL_SUCCESS;
+}
+
 static void run_ranks(uint32_t n, rank_fn fn, void *const *args,
                       rank_ctx *ctx) {
   pvl_comm *comms[MAX_RANKS];
@@ -92,9 +107,20 @@ static void run_ranks(uint32_t n, rank_fn fn, void *const *args,
     ctx[r].arg = args ? args[r] : NULL;
     ta[r].rc = &ctx[r];
     ta[r].fn = fn;
-    cr_assert_eq(pthread_create(&th[r], NULL, thread_main, &ta[r]), 0);
+    if (!g_one_thread)
+      cr_assert_eq(pthread_create(&th[r], NULL, thread_main, &ta[r]), 0);
   }
-  for (uint32_t r = 0; r < n; r++) pthread_join(th[r], NULL);
+  if (g_one_thread) {
+    drive dv = {ctx, fn};
+    pvl_status sts[MAX_RANKS];
+    pvl_status st = pvl_run_ranks(n, drive_rank, &dv, sts);
+    for (uint32_t r = 0; r < n; r++)
+      cr_assert_eq(sts[r], ctx[r].err[0] ? PVL_ERR_INTERNAL : PVL_SUCCESS);
+    for (uint32_t r = 0; r < n && st == PVL_SUCCESS; r++)
+      cr_assert_eq(ctx[r].err[0], '\0');
+  } else {
+    for (uint32_t r = 0; r < n; r++) pthread_join(th[r], NULL);
+  }
   for (uint32_t r = 0; r < n; r++) pvl_comm_destroy(comms[r]);
   for (uint32_t r = 0; r < n; r++)
     cr_assert_eq(ctx[r].err[0], '\0', "%s", ctx[r].err);
@@ -908,4 +934,35 @@ Test(dist, comm_basics, .timeout = 60) {
 /* One rank of a communicator of size 1: the same as no communicator. */
 Test(dist, one_rank_is_one_cache, .timeout = 60) {
   check_equiv(PVL_DTYPE_F16, PVL_SPLIT_LAYERS, 1, false);
+}
+
+/* ---- one thread driving every rank ---- */
+
+Test(dist, one_thread_drives_every_rank, .timeout = 60) {
+  g_one_thread = true;
+  check_equiv(PVL_DTYPE_BF16, PVL_SPLIT_HEADS, 4, false);
+  check_equiv(PVL_DTYPE_F16, PVL_SPLIT_LAYERS, 3, false);
+  const uint32_t nb[] = {40, 40};
+  check_admission(PVL_SPLIT_LAYERS, 2, nb);
+  g_one_thread = false;
+}
+
+static pvl_status fail_on_2(void *arg, uint32_t r) {
+  (void)arg;
+  return r == 2   ? PVL_ERR_OUT_OF_BLOCKS
+         : r == 3 ? PVL_ERR_CAPACITY
+                  : PVL_SUCCESS;
+}
+
+Test(dist, run_ranks_statuses, .timeout = 60) {
+  pvl_status sts[4];
+  cr_assert_eq(pvl_run_ranks(4, fail_on_2, NULL, sts), PVL_ERR_OUT_OF_BLOCKS);
+  cr_assert_eq(sts[0], PVL_SUCCESS);
+  cr_assert_eq(sts[1], PVL_SUCCESS);
+  cr_assert_eq(sts[2], PVL_ERR_OUT_OF_BLOCKS);
+  cr_assert_eq(sts[3], PVL_ERR_CAPACITY);
+  cr_assert_eq(pvl_run_ranks(2, fail_on_2, NULL, NULL), PVL_SUCCESS);
+  cr_assert_eq(pvl_run_ranks(0, fail_on_2, NULL, sts),
+               PVL_ERR_INVALID_ARGUMENT);
+  cr_assert_eq(pvl_run_ranks(2, NULL, NULL, sts), PVL_ERR_INVALID_ARGUMENT);
 }
