@@ -21,7 +21,7 @@ from ._lib import path as library_path
 from ._data import BF16_NUMPY, numpy_dtype
 from ._policy import (Policy, Rows, policy_budgets, policy_name, policy_parse,
                       policy_rows, policy_scores, policy_select)
-from ._comm import COMM_ID_BYTES, Comm, comm_unique_id, split_range
+from ._comm import COMM_ID_BYTES, Comm, comm_unique_id, run_ranks, split_range
 from ._cache import (Cache, CacheConfig, CompressReport, Observation, Plan,
                      PlanInfo, SeqInfo, Stats, backend_available, dtype_size)
 
@@ -29,7 +29,7 @@ __version__ = version()
 
 __all__ = [
     "Admit", "Backend", "BF16_NUMPY", "COMM_ID_BYTES", "Cache", "CacheConfig",
-    "Comm", "CompressReport", "Split", "comm_unique_id", "split_range",
+    "Comm", "CompressReport", "Split", "comm_unique_id", "run_ranks", "split_range",
     "DType", "Observation", "PagedVLError", "Plan", "PlanInfo", "Policy",
     "PolicyKind", "Rows", "SeqInfo", "Stats", "Status", "backend_available",
     "dtype_size", "library_path", "numpy_dtype", "policy_budgets",

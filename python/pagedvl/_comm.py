@@ -12,7 +12,7 @@ import weakref
 from typing import List, Tuple
 
 from ._data import uint
-from ._lib import check_create, lib
+from ._lib import PagedVLError, PROTOTYPES, Status, check_create, lib
 
 COMM_ID_BYTES = 128  # PVL_COMM_ID_BYTES
 
@@ -122,3 +122,36 @@ def split_range(total: int, nranks: int, rank: int) -> Tuple[int, int]:
     check_create(lib.pvl_split_range(uint(total, "total"), uint(nranks, "nranks"),
                                      uint(rank, "rank"), C.byref(b), C.byref(n)))
     return b.value, n.value
+
+
+_RANK_FN = PROTOTYPES["pvl_run_ranks"][1][1]
+
+
+def run_ranks(n: int, fn) -> list:
+    """pvl_run_ranks: calls fn(rank) for every rank in [0, n) at once, ranks
+    1..n-1 on threads of their own and rank 0 on the calling thread (how one
+    thread drives a step's collective calls on all its ranks). Returns the
+    values fn returned, by rank; if fn raised on some rank, the exception of
+    the lowest such rank is raised once all have returned."""
+    n = uint(n, "n")
+    results, errors = [None] * n, [None] * n
+
+    def call(_arg, rank):
+        try:
+            results[rank] = fn(rank)
+            return 0
+        except PagedVLError as e:
+            errors[rank] = e
+            return int(e.status) or int(Status.INTERNAL)
+        except BaseException as e:  # re-raised below, on the caller's thread
+            errors[rank] = e
+            return int(Status.INTERNAL)
+
+    cb = _RANK_FN(call)
+    statuses = (C.c_int * max(n, 1))()
+    st = lib.pvl_run_ranks(n, cb, None, statuses)
+    for e in errors:
+        if e is not None:
+            raise e
+    check_create(st)
+    return results

@@ -244,6 +244,7 @@ PROTOTYPES = {
     "pvl_comm_rank": (_st, [_vp, _P(_i32)]),
     "pvl_comm_size": (_st, [_vp, _P(_i32)]),
     "pvl_comm_destroy": (_st, [_vp]),
+    "pvl_run_ranks": (_st, [_u32, C.CFUNCTYPE(_st, _vp, _u32), _vp, _P(_st)]),
     "pvl_split_range": (_st, [_u32, _u32, _u32, _P(_u32), _P(_u32)]),
     "pvl_config_init": (_st, [_P(Config)]),
     "pvl_cache_create": (_st, [_P(Config), _P(_vp)]),

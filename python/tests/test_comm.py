@@ -105,6 +105,30 @@ def test_layer_split_compresses_like_one_cache():
     assert sum(rep.kept_total for _, rep in out) == ref.kept_total
 
 
+def test_run_ranks_drives_every_rank_from_one_thread():
+    assert pv.run_ranks(3, lambda r: r * r) == [0, 1, 4]
+    with pytest.raises(ZeroDivisionError):
+        pv.run_ranks(2, lambda r: 1 // (r - 1))  # rank 1 divides by zero
+    comms = pv.Comm.local(2)
+    # Creation is collective: both ranks must be inside the call at once,
+    # which run_ranks arranges (rank 0 on this thread).
+    caches = pv.run_ranks(2, lambda r: pv.Cache(
+        backend="cpu", dtype="f32", comm=comms[r], split="heads", model_num_kv_heads=HKV,
+        num_kv_heads=0, num_q_heads=HQ, num_layers=2, head_dim=D, block_size=BS,
+        num_blocks=32))
+    assert [c.config.kv_head_begin for c in caches] == [0, 1]
+    assert [c.config.num_kv_heads for c in caches] == [1, 1]
+    seqs = pv.run_ranks(2, lambda r: caches[r].seq_add(9))
+    assert seqs[0] == seqs[1]  # ranks admit together and agree on ids
+    with pytest.raises(pv.PagedVLError) as e:  # ranks disagree: every rank fails
+        pv.run_ranks(2, lambda r: caches[r].seq_add(9 + r))
+    assert e.value.status is pv.Status.BAD_STATE
+    for c in caches:
+        c.close()
+    for c in comms:
+        c.close()
+
+
 def test_a_failing_rank_fails_every_rank():
     def rank(comm, r):
         try:
