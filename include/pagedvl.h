@@ -61,8 +61,9 @@
  *   A call with no cache to record in writes the calling thread's
  *   pvl_create_last_error(): the functions that take neither a cache nor a
  *   plan (pvl_config_init, pvl_cache_create, pvl_backend_available,
- *   pvl_policy_init, _parse, _budgets, _scores, _select) and any call whose
- *   cache or plan argument is NULL.
+ *   pvl_policy_init, _parse, _budgets, _scores, _select, the pvl_comm_*
+ *   functions, pvl_split_range) and any call whose cache or plan argument
+ *   is NULL.
  * - Non-finite numbers (Inf, NaN) in K, V and Q. pvl_kv_write and
  *   pvl_plan_kv_write store whatever they are given. pvl_attention_decode
  *   succeeds and confines them to the outputs that read them: an output
@@ -239,7 +240,12 @@ typedef struct pvl_allocator {
  * pvl_seq_append); pvl_compress also exchanges the observation statistics
  * (split by layers: one float per layer; by heads: the per-key attention
  * sums, 8 bytes per prompt token per layer, and two 8-byte counts per
- * query head per layer).
+ * query head per layer). Every exchange is an all-gather: each rank sends
+ * its share and receives every rank's (n times the bytes above for n
+ * ranks), and sums over ranks are added by every rank in rank order, so
+ * they are bit-identical on all ranks whatever NCCL's algorithm. The
+ * exchanges are host-synchronous on a stream of the communicator's own
+ * (NCCL: pvl_comm_create_nccl), never on the caller's streams.
  *
  * Out-of-order calls: every collective call begins with the same
  * fixed-size exchange, which carries the call's name, so ranks that call
@@ -661,7 +667,12 @@ PVL_API pvl_status pvl_plan_destroy(pvl_plan *plan);
 /* Points the plan at `seqs` (n <= max_seqs, each once) as they are now.
  * Sequence i of the batch is row i of every layer's table. Call it after
  * pvl_seq_append (and after any retain or fork) and before the step's
- * kernels. The device copy of the changes goes on `stream`. */
+ * kernels. The device copy of the changes goes on `stream`.
+ * Each row holds its block ids in a region of the plan's id array, with
+ * slack; a row that outgrows its region takes the free space after it, or
+ * moves (its ids are sent again) into a free region, such as one a moved
+ * row left. Only when no free region is long enough is the whole batch
+ * laid out again (pvl_plan_info.full_rebuilds). */
 PVL_API pvl_status pvl_plan_build(pvl_plan *plan, const pvl_seq_id *seqs,
                                   uint32_t n, void *stream);
 
@@ -671,16 +682,32 @@ typedef struct pvl_plan_info {
   uint64_t block_capacity;  /* block-id entries, all layers together */
   uint64_t last_update_bytes; /* bytes sent by the last build */
   uint64_t last_update_entries; /* entries changed by the last build */
-  uint64_t full_rebuilds;   /* builds that rewrote the plan whole */
+  uint64_t full_rebuilds;       /* builds that rewrote the plan whole:
+                                   the last resort, when the free space
+                                   is too fragmented for a row that
+                                   outgrew its region */
 } pvl_plan_info;
 
 PVL_API pvl_status pvl_plan_get_info(const pvl_plan *plan,
                                      pvl_plan_info *out);
 
-/* Writes the newest token of every sequence of the plan into the last slot
- * of layer `layer` (the slot the last append made). k and v are
- * [n_seqs][num_kv_heads][head_dim]. One launch for the whole batch.
- * Values are stored as given, Inf and NaN included. */
+/* Writes the newest token of every sequence of the plan into layer
+ * `layer`: row b's token goes into the layer's last slot, which must be
+ * the slot of sequence b's newest position (pvl_seq_info.position - 1), as
+ * after pvl_seq_append. k and v are [n_seqs][num_kv_heads][head_dim]. One
+ * launch for the whole batch. Values are stored as given, Inf and NaN
+ * included. Fails with BAD_STATE and writes nothing if the plan was never
+ * built or is stale (a batch member appended, retained, compacted or freed
+ * since pvl_plan_build), or if for some row the layer
+ * - is empty (pvl_seq_retain with n_keep = 0),
+ * - ends with an older position: a retain, pvl_compress or pvl_decode_cap
+ *   dropped the newest slot, and writing there would overwrite a kept
+ *   token. The message names the row, the sequence and both positions.
+ *   pvl_seq_append gives the next token a slot of its own (so cap, then
+ *   append, then write works); pvl_kv_write writes any slot by index;
+ * - ends in a block shared with a fork (append first: it copies it).
+ * Host cost O(1) when no row of the plan has such a layer and no block is
+ * shared, else O(batch). */
 PVL_API pvl_status pvl_plan_kv_write(pvl_plan *plan, uint32_t layer,
                                      const void *k, const void *v,
                                      void *stream);
@@ -694,7 +721,9 @@ PVL_API pvl_status pvl_plan_kv_write(pvl_plan *plan, uint32_t layer,
  * float (finite f32 or bf16 inputs can) or Inf/NaN in q, K or V is not an
  * error: PVL_SUCCESS, and only the outputs (sequence, head) that read such
  * a logit or value are non-finite (all NaN when the softmax is undefined);
- * see the conventions at the top. */
+ * see the conventions at the top. Fails with BAD_STATE and writes nothing
+ * if the plan was never built (a built empty batch is fine: nothing to do)
+ * or is stale (see pvl_plan_kv_write). */
 PVL_API pvl_status pvl_attention_decode(pvl_plan *plan, uint32_t layer,
                                         const void *q, void *out, float scale,
                                         void *stream);
