@@ -1,7 +1,12 @@
 /* The host allocator seam. Every host allocation of a cache goes through a
  * pvl_allocator; the default is one private jemalloc arena used only through
- * mallocx/sdallocx (Debian's jemalloc is unprefixed, so its malloc may or may
- * not be the process's: we never call it), or libc with PVL_USE_JEMALLOC=0. */
+ * mallocx/sdallocx, or libc with PVL_USE_JEMALLOC=0.
+ *
+ * PVL_JEMALLOC_BUNDLED: jemalloc is compiled into this library with the
+ * prefix pvl__je_ (cmake/BundledJemalloc.cmake), so it never replaces the
+ * process's malloc and the library loads through dlopen. Otherwise (SYSTEM)
+ * it is the distribution's unprefixed libjemalloc, whose malloc may or may
+ * not be the process's: we never call that one either. */
 #define _POSIX_C_SOURCE 200112L /* posix_memalign in the libc path */
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +17,16 @@
 #include <jemalloc/jemalloc.h>
 #include <pthread.h>
 
+/* Spelled out rather than through jemalloc's JEMALLOC_MANGLE: if the
+ * unprefixed system header were found instead of the bundled one, pvl__je_*
+ * would be undeclared and unresolved: the build fails instead of quietly
+ * using the system library. */
+#if PVL_JEMALLOC_BUNDLED
+#define PVL_JE(fn) pvl__je_##fn
+#else
+#define PVL_JE(fn) fn
+#endif
+
 static unsigned g_arena;
 static bool g_arena_ok;
 static pthread_once_t g_arena_once = PTHREAD_ONCE_INIT;
@@ -19,7 +34,7 @@ static pthread_once_t g_arena_once = PTHREAD_ONCE_INIT;
 static void arena_create(void) {
   unsigned idx = 0;
   size_t sz = sizeof(idx);
-  if (mallctl("arenas.create", &idx, &sz, NULL, 0) == 0) {
+  if (PVL_JE(mallctl)("arenas.create", &idx, &sz, NULL, 0) == 0) {
     g_arena = idx;
     g_arena_ok = true;
   }
@@ -37,12 +52,12 @@ static int arena_flags(size_t align) {
 static void *je_alloc(void *ctx, size_t size, size_t align) {
   (void)ctx;
   pthread_once(&g_arena_once, arena_create);
-  return mallocx(size ? size : 1, arena_flags(align));
+  return PVL_JE(mallocx)(size ? size : 1, arena_flags(align));
 }
 
 static void je_free(void *ctx, void *p, size_t size, size_t align) {
   (void)ctx;
-  if (p) sdallocx(p, size ? size : 1, arena_flags(align));
+  if (p) PVL_JE(sdallocx)(p, size ? size : 1, arena_flags(align));
 }
 
 static const pvl_allocator g_default = {je_alloc, je_free, NULL};

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Quick start of libpagedvl on Debian/Ubuntu: install the build packages that
-# are missing (as root, or through sudo), configure (CUDA when nvcc exists),
-# build, and run examples/batched_decode, which picks the GPU itself when the
-# CUDA backend is built and a device is usable, else the CPU.
+# are missing (as root, or through sudo), fetch jemalloc's source package
+# (scripts/fetch-jemalloc.sh; it is compiled into the library), configure
+# (CUDA when nvcc exists), build, and run examples/batched_decode, which picks
+# the GPU itself when the CUDA backend is built and a device is usable, else
+# the CPU.
 #
 #   scripts/quickstart.sh [batched_decode flags...]     from any directory
 #
@@ -12,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 BUILD_DIR=${BUILD_DIR:-build}
 
-packages=(cmake build-essential pkg-config libjemalloc-dev libcriterion-dev)
+packages=(cmake build-essential pkg-config libcriterion-dev)
 missing=()
 if command -v dpkg-query >/dev/null 2>&1; then
   for p in "${packages[@]}"; do
@@ -41,6 +43,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
   "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
     apt-get install -y --no-install-recommends "${missing[@]}"
 fi
+
+# Once: later runs find the verified tarball in third_party/jemalloc/.
+scripts/fetch-jemalloc.sh >/dev/null
 
 jobs=$(nproc 2>/dev/null || echo 2)
 cmake -S . -B "$BUILD_DIR" -DPVL_CUDA=AUTO
