@@ -474,6 +474,123 @@ Test(dist, ranges_in_any_rank_order) {
   check_equiv(PVL_DTYPE_BF16, PVL_SPLIT_HEADS, 3, true);
 }
 
+/* ---- decode cap and retain, split by heads (collective) ---- */
+
+/* Admission and prefill of this cache's heads, an observation of every
+ * layer, then pvl_decode_cap on every layer (VL-Cache scores summed over
+ * the ranks) and a hand-made pvl_seq_retain of layer 0; kept positions
+ * land in pos/npos. */
+static pvl_status cap_flow(pvl_cache *c, const model *M, uint32_t h0,
+                           uint32_t nh, uint32_t (*pos)[MP + 2], uint32_t *npos,
+                           char *why, size_t why_len) {
+  pvl_span vis = {VIS_B, VIS_E};
+  pvl_seq_id seq = 0;
+  pvl_status st = pvl_seq_add(c, MP, &vis, 1, &seq);
+  pvl_policy pol = M->pol;
+  pol.decode_cap = 40;
+  pol.decode_cap_slack = 8;
+  for (uint32_t l = 0; l < LG && st == PVL_SUCCESS; l++) {
+    void *ks = slice_heads(M, M->k[l], MP, HKV, h0, nh);
+    void *vs = slice_heads(M, M->v[l], MP, HKV, h0, nh);
+    void *qs = slice_heads(M, M->qo[l], M->rows_n, HQ, h0 * GRP, nh * GRP);
+    st = pvl_kv_write(c, seq, l, 0, MP, ks, vs, NULL);
+    if (st == PVL_SUCCESS)
+      st = pvl_observe(c, seq, l, qs, M->rows_first, M->rows_n, pol.threshold,
+                       0.0f, NULL);
+    free(ks), free(vs), free(qs);
+  }
+  for (uint32_t l = 0; l < LG && st == PVL_SUCCESS; l++) {
+    uint32_t did = 0;
+    st = pvl_decode_cap(c, seq, l, &pol, &did, NULL);
+    if (st == PVL_SUCCESS && !did) st = PVL_ERR_INTERNAL;
+  }
+  /* Keep every other slot of layer 0, by hand. */
+  uint32_t keep[MP], nk = 0, n0 = 0, nb = 0;
+  if (st == PVL_SUCCESS) st = pvl_seq_layer_size(c, seq, 0, &n0, &nb);
+  for (uint32_t i = 0; i < n0; i += 2) keep[nk++] = i;
+  if (st == PVL_SUCCESS) st = pvl_seq_retain(c, seq, 0, keep, nk, NULL);
+  for (uint32_t l = 0; l < LG && st == PVL_SUCCESS; l++)
+    st = pvl_seq_positions(c, seq, l, pos[l], MP + 2, &npos[l]);
+  if (st != PVL_SUCCESS)
+    snprintf(why, why_len, "%s (%s)", pvl_status_string(st),
+             pvl_cache_last_error(c));
+  return st;
+}
+
+typedef struct cap_arg {
+  const model *M;
+  uint32_t npos[LG];
+  uint32_t pos[LG][MP + 2];
+} cap_arg;
+
+static void cap_rank(rank_ctx *rc) {
+  cap_arg *a = rc->arg;
+  pvl_config cfg = base_config(a->M->dt);
+  cfg.comm = rc->comm;
+  cfg.split = PVL_SPLIT_HEADS;
+  cfg.model_num_kv_heads = HKV;
+  cfg.num_kv_heads = 0;
+  pvl_cache *c = NULL;
+  ROK(rc, c, pvl_cache_create(&cfg, &c));
+  pvl_config got;
+  ROK(rc, c, pvl_cache_config(c, &got));
+  char why[512] = "";
+  pvl_status st = cap_flow(c, a->M, got.kv_head_begin, got.num_kv_heads, a->pos,
+                           a->npos, why, sizeof(why));
+  if (st == PVL_SUCCESS) {
+    /* Ranks that pass different keep lists are refused, all of them. */
+    pvl_seq_id seq = 0;
+    uint32_t keep[1] = {rc->rank == 0 ? 0u : 1u};
+    ROK(rc, c, pvl_seq_add(c, 4, NULL, 0, &seq));
+    st = pvl_seq_retain(c, seq, 1, keep, 1, NULL);
+    RCHECK(rc, st == PVL_ERR_BAD_STATE || rc->nranks == 1,
+           "disagreeing retain: %s", pvl_status_string(st));
+    RCHECK(rc, tu_layer_tokens(c, seq, 1) == 4 || rc->nranks == 1,
+           "a refused retain changed the layer");
+    st = PVL_SUCCESS;
+  }
+  pvl_cache_destroy(c);
+  RCHECK(rc, st == PVL_SUCCESS, "%s", why);
+}
+
+static const pvl_dtype k_dtypes_cap[] = {PVL_DTYPE_F32, PVL_DTYPE_F16,
+                                         PVL_DTYPE_BF16};
+
+Test(dist, head_split_decode_cap_and_retain_equal_one_cache) {
+  for (size_t d = 0; d < 3; d++) {
+    model M;
+    model_init(&M, k_dtypes_cap[d], 500 + d);
+    pvl_config cfg = base_config(M.dt);
+    pvl_cache *c = tu_cache_new(&cfg);
+    uint32_t npos[LG], pos[LG][MP + 2];
+    char why[512] = "";
+    cr_assert_eq(cap_flow(c, &M, 0, HKV, pos, npos, why, sizeof(why)),
+                 PVL_SUCCESS, "reference: %s", why);
+    pvl_cache_destroy(c);
+    const uint32_t ranks[] = {2, 4, 8};
+    for (size_t i = 0; i < 3; i++) {
+      cap_arg args[MAX_RANKS];
+      void *ap[MAX_RANKS] = {0};
+      for (uint32_t r = 0; r < ranks[i]; r++) {
+        memset(&args[r], 0, sizeof(args[r]));
+        args[r].M = &M;
+        ap[r] = &args[r];
+      }
+      rank_ctx ctx[MAX_RANKS];
+      run_ranks(ranks[i], cap_rank, ap, ctx);
+      for (uint32_t r = 0; r < ranks[i]; r++)
+        for (uint32_t l = 0; l < LG; l++) {
+          cr_assert_eq(args[r].npos[l], npos[l], "%u ranks, rank %u layer %u",
+                       ranks[i], r, l);
+          cr_assert_arr_eq(args[r].pos[l], pos[l], npos[l] * sizeof(uint32_t),
+                           "%u ranks: rank %u layer %u keeps other tokens",
+                           ranks[i], r, l);
+        }
+    }
+    model_fini(&M);
+  }
+}
+
 /* ---- admission and append near exhaustion ---- */
 
 /* Records one decision per step: the status (or admit answer) each rank
