@@ -215,8 +215,13 @@ typedef struct pvl_allocator {
  * checks and preparation, then the ranks exchange a status: if any rank
  * failed, every rank returns an error (the failing rank's status; the
  * message names the rank and its reason) and no rank changes anything.
- * Only a device error after that agreement (a failing kernel or copy) can
- * leave the ranks apart, as it leaves a single cache damaged.
+ * Every data exchange of a call comes before its last agreement, and
+ * every change after it, so a failing exchange (PVL_ERR_NCCL with NCCL's
+ * message and the call; NCCL's asynchronous errors are polled while
+ * waiting) leaves every cache as it was. Only a device error after the
+ * last agreement (a failing kernel or copy, or NCCL failing on some ranks
+ * only in that last exchange) can leave the ranks apart, as such an error
+ * leaves a single cache damaged.
  *
  *   call                        split by layers     split by heads
  *   pvl_cache_create            COLLECTIVE          COLLECTIVE
