@@ -124,6 +124,12 @@ Test(contract, null_handles_record_in_the_thread_error) {
   THREAD_ERR("pvl_compress", pvl_compress(NULL, 1, &pol, NULL, NULL));
   THREAD_ERR("pvl_decode_cap", pvl_decode_cap(NULL, 1, 0, &pol, &u32, NULL));
   /* The functions that take neither a cache nor a plan. */
+  int32_t rank = 0;
+  uint32_t begin = 0;
+  THREAD_ERR("pvl_comm_rank", pvl_comm_rank(NULL, &rank));
+  THREAD_ERR("pvl_comm_size", pvl_comm_size(NULL, &rank));
+  THREAD_ERR("pvl_comm_create_local", pvl_comm_create_local(0, NULL));
+  THREAD_ERR("pvl_split_range", pvl_split_range(10, 0, 0, &begin, &u32));
   THREAD_ERR("pvl_cache_create", pvl_cache_create(NULL, NULL));
   THREAD_ERR("pvl_backend_available",
              pvl_backend_available((pvl_backend)7, 0, &yes));
