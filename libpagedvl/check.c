@@ -36,6 +36,13 @@ pvl_status pvl__cache_check(const pvl_cache *c, char *msg, size_t msg_len) {
     if (!s) continue;
     live++;
     if ((uint32_t)(s->id & 0xffffffu) != i) BAD("seq in slot %u has id %llx", i, (unsigned long long)s->id);
+    uint32_t old_tail = 0;
+    for (uint32_t l = 0; l < L; l++)
+      old_tail += pvl__tail_old(s, &s->tables[l]);
+    if (old_tail != s->n_old_tail)
+      BAD("seq %llx: %u layers end before the newest position, counter says "
+          "%u",
+          (unsigned long long)s->id, old_tail, s->n_old_tail);
     for (uint32_t l = 0; l < L; l++) {
       const pvl_table *t = &s->tables[l];
       if (t->n_blocks != t->n_tokens / bs + (t->n_tokens % bs != 0))
@@ -87,6 +94,10 @@ pvl_status pvl__cache_check(const pvl_cache *c, char *msg, size_t msg_len) {
   if (used + c->pool.num_free != nb)
     BAD("%u used + %u free != %u blocks (a block leaked)", used,
         c->pool.num_free, nb);
+  for (const pvl_plan *p = c->plans; p; p = p->next) {
+    st = pvl__plan_check(p, msg, msg_len);
+    if (st != PVL_SUCCESS) goto done;
+  }
 done:
   free(refs);
   free(tok);

@@ -92,8 +92,20 @@ typedef struct pvl_seq {
                         (tokens - n_decoded) changes: plans skip sequences
                         whose version they already hold */
   pvl_obs **obs;     /* [num_layers] or NULL; entries NULL until observed */
+  uint32_t n_old_tail; /* layers whose last slot is not the newest position
+                          (pvl__tail_old): plans refuse to write them */
   bool compressed;   /* pvl_compress ran */
 } pvl_seq;
+
+/* Whether the last slot of t is not the slot of the sequence's newest
+ * position n_prompt + n_decoded - 1: an empty layer, or one whose newest
+ * slot a retain dropped. An append makes it false again (its slot gets the
+ * new newest position); only a retain can make it true. */
+static inline bool pvl__tail_old(const pvl_seq *s, const pvl_table *t) {
+  if (t->n_tokens == 0) return true;
+  const uint32_t last = t->pos ? t->pos[t->n_tokens - 1] : t->n_tokens - 1;
+  return last != s->n_prompt + s->n_decoded - 1;
+}
 
 /* Compaction in two steps, so pvl_compress can prepare every layer (and
  * fail) before it changes any. */
@@ -398,7 +410,35 @@ typedef struct pvl_plan_row {
   uint32_t cap;    /* ids reserved for the row */
   uint32_t synced; /* ids of the table already on the device */
   int32_t base;    /* base_len on the device */
+  int32_t reg;     /* region descriptor + 1 of [offset, offset + cap);
+                      0 = none (cap 0), so a zeroed row owns nothing */
 } pvl_plan_row;
+
+/* A region of the plan's id array: one row's ids, or free space. Regions
+ * tile [0, block_cap); free ones are never adjacent (merged on free). */
+typedef struct pvl_plan_region {
+  int32_t off, len;
+  int32_t prev, next;   /* neighbours in address order, -1 at the ends */
+  int32_t fprev, fnext; /* free regions: the list of their size class;
+                           unused descriptors: fnext links the spares */
+  int32_t free;
+} pvl_plan_region;
+
+/* Size classes of free regions (two levels, as TLSF: the power of two of
+ * the length, then 2^PVL_PLAN_SL_LOG subranges of it). */
+#define PVL_PLAN_SL_LOG 3
+#define PVL_PLAN_SL_N (1 << PVL_PLAN_SL_LOG)
+#define PVL_PLAN_FL_N 28 /* lengths < 2^31 */
+
+/* One region change of a build, applied to the row at commit or undone. */
+typedef struct pvl_plan_move {
+  uint32_t row;  /* b * num_layers + l */
+  int32_t reg;   /* descriptor of the row's new region (relocation) or of
+                    its grown region (extension) */
+  uint32_t len;  /* extension: the region's length before */
+  uint8_t grown; /* 1: extended in place, 0: relocated */
+  uint8_t same;  /* the row holds the same table as before */
+} pvl_plan_move;
 
 struct pvl_plan {
   pvl_cache *cache;
@@ -414,17 +454,35 @@ struct pvl_plan {
   uint64_t *row_version;  /* [max_seqs] its version when last written */
   int32_t *n_appended;    /* [max_seqs] as on the device */
   pvl_seq **seqs;         /* [max_seqs] sequences of the last build */
-  uint64_t used;          /* bump pointer in the id array */
   uint8_t *action;        /* [max_seqs][num_layers] scratch for builds */
   uint8_t *skip;          /* [max_seqs] scratch: row already current */
   uint64_t built_clock;   /* cache->mut_clock at the last build */
+  uint32_t old_tail_rows; /* rows of the last build with n_old_tail > 0 */
+  bool built;             /* a build has succeeded */
   bool stale;             /* device buffer may disagree: rewrite all */
+  /* Allocator of the id array (regions, free lists by size class). */
+  pvl_plan_region *regs; /* [regs_cap] descriptors */
+  uint32_t regs_cap;
+  uint32_t regs_used; /* descriptors in use (free or live regions) */
+  uint32_t regs_hw;   /* descriptors ever handed out */
+  int32_t regs_spare; /* stack of returned descriptors, -1 empty */
+  uint32_t fl_bits;   /* first levels with a non-empty list */
+  uint8_t sl_bits[PVL_PLAN_FL_N];
+  int32_t heads[PVL_PLAN_FL_N][PVL_PLAN_SL_N];
+  pvl_plan_move *moves; /* [moves_cap] scratch of a build */
+  uint32_t moves_cap;
   int32_t *pairs;         /* staging (index, value) pairs */
   size_t pairs_cap;       /* in pairs */
   pvl_plan_info info;
 };
 
 PVL_INTERNAL void pvl__plan_destroy_all(pvl_cache *c);
+/* Verifies a plan's allocator: the regions tile the id array, free ones
+ * are merged and listed in their class, every row of the batch owns a
+ * region of its cap and no two rows share one. For tests; the first
+ * violation goes into msg. */
+PVL_INTERNAL pvl_status pvl__plan_check(const pvl_plan *p, char *msg,
+                                        size_t msg_len);
 
 /* ---- dtype conversion (dtype.c) ---- */
 

@@ -3,19 +3,282 @@
  * device; a build sends only what changed since the last one, as (index,
  * value) pairs, and skips every sequence whose version it already holds, so
  * a decode step costs O(batch + changes) host work and O(changes) bytes,
- * not O(blocks held). */
+ * not O(blocks held).
+ *
+ * The shared id array is managed like a heap: every row owns a region
+ * (its ids plus slack), the rest is free regions, kept merged and in
+ * segregated lists by size class (TLSF-style, O(1) per operation). A row
+ * that outgrows its region first takes the free space right after it (no
+ * id moves), else moves to the best-fitting free region, and the region
+ * it leaves is free for the next one. So no build rewrites the plan whole
+ * unless the free space is too fragmented for one row; that last resort
+ * (repack) is counted in pvl_plan_info.full_rebuilds. */
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
 
 enum {
-  ROW_KEEP = 0,     /* same table: send appended ids and a changed base */
-  ROW_REWRITE = 1,  /* other table or epoch, fits the row: rewrite it */
-  ROW_RELOCATE = 2, /* outgrew the row: new region at the array's end */
+  ROW_KEEP = 0,      /* same table, fits: send appended ids, changed base */
+  ROW_REWRITE = 1,   /* other table or epoch, fits the row: rewrite it */
+  ROW_GROW_SAME = 2, /* outgrew its region, same table: needs room */
+  ROW_GROW = 3,      /* outgrew its region, other table: needs room */
+  ROW_MOVED = 4,     /* has a region change in p->moves (phase A2) */
+  ROW_NEAR = 8,      /* flag on KEEP / REWRITE: nearly full, may move early */
 };
 
-static inline uint32_t row_slack(uint32_t nb) { return 2 + nb / 8; }
+/* Early moves. A row that will soon outgrow its region may move in a
+ * build that has little else to send, so the moves of rows that fill up
+ * around the same step spread over the steps before it instead of landing
+ * in one. Only rows of at least EARLY_MIN_BLOCKS blocks (a small row's
+ * move is cheap), within early_margin blocks of full, and only while the
+ * build sends at most EARLY_PAIRS pairs (about 40 us of host work). */
+#define EARLY_MIN_BLOCKS 64
+#define EARLY_PAIRS 16384
+static inline uint32_t early_margin(uint32_t nb) { return 1 + nb / 128; }
+
+#define REG_NONE (-1)
+#define REG_UNUSED (-1) /* `free` of a spare descriptor */
+
+/* Ids a region of row `row` (b * num_layers + l) holds beyond its nb
+ * blocks: 2 + nb / 8 on average, spread over [nb / 16, 3 nb / 16] by a hash
+ * of the row and nb. Rows of sequences that were admitted together grow in
+ * lockstep: with equal slack they would all outgrow their regions in the
+ * same step and move at once (a burst of whole-row rewrites, the p99 of a
+ * decode step). The spread turns that burst into a trickle at the same
+ * mean. Rows under 16 blocks keep 2 + nb / 8, as before. */
+static inline uint32_t row_slack(uint32_t row, uint32_t nb) {
+  if (nb < 16) return 2 + nb / 8;
+  uint64_t h = ((uint64_t)row << 32 | nb) * 0x9e3779b97f4a7c15ull;
+  h ^= h >> 29;
+  h *= 0xbf58476d1ce4e5b9ull;
+  h ^= h >> 32;
+  return 2 + nb / 16 + (uint32_t)(h % (nb / 8 + 1));
+}
+
+/* ---- the id array's allocator ---- */
+
+/* Size class of a free region of len ids. Lengths below 2 * SL_N share
+ * first level 0 in classes of two. */
+static inline void reg_class(uint32_t len, uint32_t *fl, uint32_t *sl) {
+  if (len < 2 * PVL_PLAN_SL_N) {
+    *fl = 0;
+    *sl = len / 2;
+    return;
+  }
+  const uint32_t f = 31u - (uint32_t)__builtin_clz(len);
+  *fl = f - PVL_PLAN_SL_LOG;
+  *sl = (len >> (f - PVL_PLAN_SL_LOG)) & (PVL_PLAN_SL_N - 1);
+}
+
+static void reg_list_add(pvl_plan *p, int32_t d) {
+  pvl_plan_region *r = &p->regs[d];
+  uint32_t fl, sl;
+  reg_class((uint32_t)r->len, &fl, &sl);
+  r->free = 1;
+  r->fprev = REG_NONE;
+  r->fnext = p->heads[fl][sl];
+  if (r->fnext != REG_NONE) p->regs[r->fnext].fprev = d;
+  p->heads[fl][sl] = d;
+  p->fl_bits |= 1u << fl;
+  p->sl_bits[fl] |= (uint8_t)(1u << sl);
+}
+
+static void reg_list_remove(pvl_plan *p, int32_t d) {
+  pvl_plan_region *r = &p->regs[d];
+  uint32_t fl, sl;
+  reg_class((uint32_t)r->len, &fl, &sl);
+  if (r->fprev != REG_NONE)
+    p->regs[r->fprev].fnext = r->fnext;
+  else
+    p->heads[fl][sl] = r->fnext;
+  if (r->fnext != REG_NONE) p->regs[r->fnext].fprev = r->fprev;
+  if (p->heads[fl][sl] == REG_NONE) {
+    p->sl_bits[fl] &= (uint8_t) ~(1u << sl);
+    if (!p->sl_bits[fl]) p->fl_bits &= ~(1u << fl);
+  }
+  r->free = 0;
+}
+
+/* A descriptor; the caller reserved it (reg_reserve). */
+static int32_t reg_new(pvl_plan *p) {
+  int32_t d;
+  if (p->regs_spare != REG_NONE) {
+    d = p->regs_spare;
+    p->regs_spare = p->regs[d].fnext;
+  } else {
+    d = (int32_t)p->regs_hw++;
+  }
+  p->regs_used++;
+  return d;
+}
+
+static void reg_release(pvl_plan *p, int32_t d) {
+  p->regs[d].free = REG_UNUSED;
+  p->regs[d].fnext = p->regs_spare;
+  p->regs_spare = d;
+  p->regs_used--;
+}
+
+/* Room for `extra` more descriptors; false (nothing changed) if the host
+ * allocation fails. */
+static bool reg_reserve(pvl_plan *p, uint64_t extra) {
+  const uint64_t need = (uint64_t)p->regs_used + extra;
+  if (need <= p->regs_cap) return true;
+  if (need > INT32_MAX) return false;
+  uint64_t cap = (uint64_t)p->regs_cap * 2;
+  if (cap < need) cap = need;
+  if (cap > INT32_MAX) cap = INT32_MAX;
+  if (!pvl__grow(p->cache->alloc, (void **)&p->regs, sizeof(pvl_plan_region),
+                 p->regs_cap, (size_t)cap))
+    return false;
+  p->regs_cap = (uint32_t)cap;
+  return true;
+}
+
+/* One free region covering the whole array; every descriptor spare. */
+static void reg_reset(pvl_plan *p) {
+  p->regs_used = 0;
+  p->regs_hw = 0;
+  p->regs_spare = REG_NONE;
+  p->fl_bits = 0;
+  memset(p->sl_bits, 0, sizeof(p->sl_bits));
+  for (uint32_t f = 0; f < PVL_PLAN_FL_N; f++)
+    for (uint32_t i = 0; i < PVL_PLAN_SL_N; i++) p->heads[f][i] = REG_NONE;
+  const int32_t d = reg_new(p);
+  p->regs[d] = (pvl_plan_region){.off = 0,
+                                 .len = (int32_t)p->block_cap,
+                                 .prev = REG_NONE,
+                                 .next = REG_NONE};
+  reg_list_add(p, d);
+}
+
+/* Cuts the free region d to its first len ids, which become live; the rest
+ * stays free. Needs one reserved descriptor. */
+static void reg_take(pvl_plan *p, int32_t d, uint32_t len) {
+  reg_list_remove(p, d);
+  pvl_plan_region *r = &p->regs[d];
+  if ((uint32_t)r->len > len) {
+    const int32_t t = reg_new(p);
+    r = &p->regs[d];
+    pvl_plan_region *q = &p->regs[t];
+    *q = (pvl_plan_region){.off = r->off + (int32_t)len,
+                           .len = r->len - (int32_t)len,
+                           .prev = d,
+                           .next = r->next};
+    if (r->next != REG_NONE) p->regs[r->next].prev = t;
+    r->next = t;
+    r->len = (int32_t)len;
+    reg_list_add(p, t);
+  }
+}
+
+/* A live region of len >= 1 ids, or REG_NONE. Good fit: first a region of
+ * len's own class that is long enough (a few are looked at), else the
+ * first region of the smallest class whose every region is long enough.
+ * Needs one reserved descriptor. */
+static int32_t reg_alloc(pvl_plan *p, uint32_t len) {
+  uint32_t fl, sl;
+  reg_class(len, &fl, &sl);
+  int32_t d = p->heads[fl][sl];
+  for (int tries = 0; d != REG_NONE && tries < 8; tries++) {
+    if ((uint32_t)p->regs[d].len >= len) break;
+    d = p->regs[d].fnext;
+  }
+  if (d == REG_NONE || (uint32_t)p->regs[d].len < len) {
+    /* Round up to the next class boundary: every region from there on
+     * fits. */
+    const uint64_t up = len < 2 * PVL_PLAN_SL_N
+                            ? (uint64_t)len + 1
+                            : (uint64_t)len +
+                                  (1ull << (31u - (uint32_t)__builtin_clz(len) -
+                                            PVL_PLAN_SL_LOG)) -
+                                  1;
+    if (up >= (1ull << 31)) return REG_NONE;
+    reg_class((uint32_t)up, &fl, &sl);
+    if (fl >= PVL_PLAN_FL_N) return REG_NONE;
+    uint32_t sl_map = p->sl_bits[fl] & (~0u << sl);
+    if (!sl_map) {
+      const uint32_t fl_map = fl + 1 < 32 ? p->fl_bits & (~0u << (fl + 1)) : 0;
+      if (!fl_map) return REG_NONE;
+      fl = (uint32_t)__builtin_ctz(fl_map);
+      sl_map = p->sl_bits[fl];
+    }
+    d = p->heads[fl][(uint32_t)__builtin_ctz(sl_map)];
+  }
+  reg_take(p, d, len);
+  return d;
+}
+
+/* Returns live region d to the free space, merged with free neighbours. */
+static void reg_free(pvl_plan *p, int32_t d) {
+  pvl_plan_region *r = &p->regs[d];
+  const int32_t prev = r->prev, next = r->next;
+  if (next != REG_NONE && p->regs[next].free == 1) {
+    reg_list_remove(p, next);
+    r->len += p->regs[next].len;
+    r->next = p->regs[next].next;
+    if (r->next != REG_NONE) p->regs[r->next].prev = d;
+    reg_release(p, next);
+  }
+  if (prev != REG_NONE && p->regs[prev].free == 1) {
+    reg_list_remove(p, prev);
+    pvl_plan_region *q = &p->regs[prev];
+    q->len += r->len;
+    q->next = r->next;
+    if (q->next != REG_NONE) p->regs[q->next].prev = prev;
+    reg_release(p, d);
+    d = prev;
+  }
+  reg_list_add(p, d);
+}
+
+/* Grows live region d in place to between min_len and want ids with the
+ * free region after it; false (nothing changed) if that is too short. */
+static bool reg_extend(pvl_plan *p, int32_t d, uint32_t min_len,
+                       uint32_t want) {
+  pvl_plan_region *r = &p->regs[d];
+  const int32_t n = r->next;
+  if (n == REG_NONE || p->regs[n].free != 1) return false;
+  const uint64_t avail = (uint64_t)r->len + (uint64_t)p->regs[n].len;
+  if (avail < min_len) return false;
+  const uint32_t len = avail < want ? (uint32_t)avail : want;
+  const int32_t take = (int32_t)len - r->len;
+  reg_list_remove(p, n);
+  pvl_plan_region *q = &p->regs[n];
+  if (q->len == take) {
+    r->next = q->next;
+    if (r->next != REG_NONE) p->regs[r->next].prev = d;
+    reg_release(p, n);
+  } else {
+    q->off += take;
+    q->len -= take;
+    reg_list_add(p, n);
+  }
+  r->len = (int32_t)len;
+  return true;
+}
+
+/* Undoes reg_extend: live region d back to len ids. Needs one reserved
+ * descriptor. */
+static void reg_shrink(pvl_plan *p, int32_t d, uint32_t len) {
+  pvl_plan_region *r = &p->regs[d];
+  if ((uint32_t)r->len == len) return;
+  const int32_t t = reg_new(p);
+  r = &p->regs[d];
+  p->regs[t] = (pvl_plan_region){.off = r->off + (int32_t)len,
+                                 .len = r->len - (int32_t)len,
+                                 .prev = d,
+                                 .next = r->next};
+  if (r->next != REG_NONE) p->regs[r->next].prev = t;
+  r->next = t;
+  r->len = (int32_t)len;
+  reg_free(p, t);
+}
+
+/* ---- plans ---- */
 
 static void plan_free(pvl_plan *p) {
   pvl_cache *c = p->cache;
@@ -30,6 +293,8 @@ static void plan_free(pvl_plan *p) {
   pvl__free(a, p->action, L * S);
   pvl__free(a, p->skip, S);
   pvl__free(a, p->pairs, p->pairs_cap * 2 * sizeof(int32_t));
+  pvl__free(a, p->regs, p->regs_cap * sizeof(pvl_plan_region));
+  pvl__free(a, p->moves, p->moves_cap * sizeof(pvl_plan_move));
   pvl__free(a, p, sizeof(*p));
 }
 
@@ -66,6 +331,7 @@ pvl_status pvl_plan_create(pvl_cache *c, uint32_t max_seqs,
   p->view.block_cap = (int64_t)cap;
   const size_t S = max_seqs;
   p->pairs_cap = 1024;
+  p->regs_cap = 16; /* grows with the batch (reg_reserve) */
   p->rows = pvl__alloc(a, (size_t)L * S * sizeof(pvl_plan_row));
   p->row_seq = pvl__alloc(a, S * sizeof(pvl_seq_id));
   p->row_version = pvl__alloc(a, S * sizeof(uint64_t));
@@ -74,8 +340,9 @@ pvl_status pvl_plan_create(pvl_cache *c, uint32_t max_seqs,
   p->action = pvl__alloc(a, (size_t)L * S);
   p->skip = pvl__alloc(a, S);
   p->pairs = pvl__alloc(a, p->pairs_cap * 2 * sizeof(int32_t));
+  p->regs = pvl__alloc(a, p->regs_cap * sizeof(pvl_plan_region));
   if (!p->rows || !p->row_seq || !p->row_version || !p->n_appended ||
-      !p->seqs || !p->action || !p->skip || !p->pairs) {
+      !p->seqs || !p->action || !p->skip || !p->pairs || !p->regs) {
     plan_free(p);
     return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "plan metadata for %u sequences",
                     max_seqs);
@@ -84,6 +351,7 @@ pvl_status pvl_plan_create(pvl_cache *c, uint32_t max_seqs,
   memset(p->row_seq, 0, S * sizeof(pvl_seq_id));
   memset(p->row_version, 0, S * sizeof(uint64_t));
   memset(p->n_appended, 0, S * sizeof(int32_t));
+  if (cap > 0) reg_reset(p);
   pvl_status st = c->be->plan_init(p);
   if (st != PVL_SUCCESS) {
     plan_free(p);
@@ -131,16 +399,33 @@ static inline int32_t row_base(const pvl_seq *s, uint32_t l) {
   return (int32_t)(s->tables[l].n_tokens - s->n_decoded);
 }
 
+/* What phase A of a build found. */
+typedef struct build_counts {
+  uint64_t entries;  /* pairs, with every row that needs room relocated */
+  uint64_t repack;   /* pairs of a repack of the batch */
+  uint64_t counters; /* n_appended pairs */
+  uint32_t n_moves;  /* rows that need room */
+  uint32_t n_near;   /* rows that may move early */
+  uint32_t n_done;   /* moves recorded by phase A2 */
+} build_counts;
+
+/* Pairs a row that stays in its region sends. */
+static inline uint64_t stay_pairs(const pvl_plan_row *r, const pvl_seq *s,
+                                  uint32_t l, bool same_table) {
+  const uint32_t nb = s->tables[l].n_blocks;
+  return same_table ? (nb - r->synced) + (row_base(s, l) != r->base) : nb + 2;
+}
+
 /* Phase A of a build: decide the action of every row of the sequences the
- * plan does not already hold, count the pairs to send and the id array's
- * growth, without changing anything. *repack is set when the array would
- * overflow; the build then lays every row out again. */
-static void plan_classify(pvl_plan *p, uint32_t n, uint64_t *entries,
-                          bool *repack) {
+ * plan does not already hold and count the pairs to send, without
+ * changing anything. */
+static void plan_classify(pvl_plan *p, uint32_t n, build_counts *bc) {
   const uint32_t L = p->cache->cfg.num_layers;
-  uint64_t used = p->used, count = 0;
+  uint64_t count = 0, all = 0;
+  uint32_t moves = 0, near = 0;
   for (uint32_t b = 0; b < n; b++) {
     const pvl_seq *s = p->seqs[b];
+    for (uint32_t l = 0; l < L; l++) all += s->tables[l].n_blocks + 2;
     p->skip[b] = !p->stale && p->row_seq[b] == s->id &&
                  p->row_version[b] == s->version;
     if (p->skip[b]) continue;
@@ -150,27 +435,117 @@ static void plan_classify(pvl_plan *p, uint32_t n, uint64_t *entries,
     for (uint32_t l = 0; l < L; l++) {
       const pvl_table *t = &s->tables[l];
       const uint32_t nb = t->n_blocks;
-      if (same && r[l].epoch == t->epoch && nb <= r[l].cap) {
-        act[l] = ROW_KEEP;
-        count += (nb - r[l].synced) + (row_base(s, l) != r[l].base);
-      } else if (!p->stale && nb <= r[l].cap) {
-        act[l] = ROW_REWRITE;
-        count += nb + 2;
+      const bool same_table = same && r[l].epoch == t->epoch;
+      if (nb <= r[l].cap) {
+        act[l] = same_table ? ROW_KEEP : ROW_REWRITE;
+        count += stay_pairs(&r[l], s, l, same_table);
+        if (nb >= EARLY_MIN_BLOCKS && r[l].cap - nb < early_margin(nb)) {
+          act[l] |= ROW_NEAR;
+          near++;
+        }
       } else {
-        act[l] = ROW_RELOCATE;
-        used += nb + row_slack(nb);
-        count += nb + 2;
+        act[l] = same_table ? ROW_GROW_SAME : ROW_GROW;
+        count += nb + 2; /* until phase A2 finds room in place */
+        moves++;
       }
     }
   }
-  *repack = used > p->block_cap;
-  if (*repack) {
-    count = 0;
-    for (uint32_t b = 0; b < n; b++)
-      for (uint32_t l = 0; l < L; l++)
-        count += p->seqs[b]->tables[l].n_blocks + 2;
+  bc->entries = count;
+  bc->repack = all;
+  bc->n_moves = moves;
+  bc->n_near = near;
+}
+
+/* Undoes the first k moves of phase A2 (the free space is as before). */
+static void moves_undo(pvl_plan *p, uint32_t k) {
+  while (k-- > 0) {
+    if (p->moves[k].grown)
+      reg_shrink(p, p->moves[k].reg, p->moves[k].len);
+    else
+      reg_free(p, p->moves[k].reg);
   }
-  *entries += count;
+}
+
+/* Phase A2: room for every row that outgrew its region, in place or
+ * elsewhere, then early moves of nearly full rows within the budget, all
+ * recorded in p->moves (rows keep their old regions until the commit, so
+ * this can be undone). False if the free space has no room for a row that
+ * outgrew its region; everything is then undone. Keeps bc->entries exact:
+ * rows grown in place send only their new ids. */
+static bool plan_find_room(pvl_plan *p, uint32_t n, build_counts *bc) {
+  const uint32_t L = p->cache->cfg.num_layers;
+  uint32_t k = 0;
+  for (uint32_t b = 0; b < n && k < bc->n_moves; b++) {
+    if (p->skip[b]) continue;
+    const pvl_seq *s = p->seqs[b];
+    uint8_t *act = p->action + (size_t)b * L;
+    for (uint32_t l = 0; l < L; l++) {
+      if (act[l] != ROW_GROW && act[l] != ROW_GROW_SAME) continue;
+      const pvl_plan_row *r = &p->rows[(size_t)b * L + l];
+      const uint32_t nb = s->tables[l].n_blocks;
+      const uint32_t want = nb + row_slack(b, nb);
+      pvl_plan_move *m = &p->moves[k++];
+      m->row = b * L + l;
+      m->same = act[l] == ROW_GROW_SAME;
+      act[l] = ROW_MOVED;
+      if (r->reg && reg_extend(p, r->reg - 1, nb, want)) {
+        m->reg = r->reg - 1;
+        m->len = r->cap;
+        m->grown = 1;
+        bc->entries -= (nb + 2) - stay_pairs(r, s, l, m->same);
+        continue;
+      }
+      /* Without slack rather than not at all: the row moves again sooner,
+       * but no repack. */
+      int32_t d = reg_alloc(p, want);
+      if (d == REG_NONE) d = reg_alloc(p, nb);
+      if (d == REG_NONE) {
+        moves_undo(p, k - 1);
+        return false;
+      }
+      m->reg = d;
+      m->grown = 0;
+    }
+  }
+  /* Early moves never fail the build: a row without room stays. */
+  uint32_t near = bc->n_near;
+  for (uint32_t b = 0; b < n && near > 0; b++) {
+    if (p->skip[b]) continue;
+    const pvl_seq *s = p->seqs[b];
+    uint8_t *act = p->action + (size_t)b * L;
+    for (uint32_t l = 0; l < L && near > 0; l++) {
+      if (!(act[l] & ROW_NEAR)) continue;
+      near--;
+      const bool same_table = (act[l] & ~ROW_NEAR) == ROW_KEEP;
+      act[l] &= (uint8_t)~ROW_NEAR;
+      const pvl_plan_row *r = &p->rows[(size_t)b * L + l];
+      const uint32_t nb = s->tables[l].n_blocks;
+      const uint32_t want = nb + row_slack(b, nb);
+      pvl_plan_move *m = &p->moves[k];
+      m->row = b * L + l;
+      m->same = same_table;
+      if (reg_extend(p, r->reg - 1, nb + early_margin(nb), want)) {
+        /* Free: the ids stay where they are. */
+        m->reg = r->reg - 1;
+        m->len = r->cap;
+        m->grown = 1;
+        act[l] = ROW_MOVED;
+        k++;
+        continue;
+      }
+      const uint64_t extra = (nb + 2) - stay_pairs(r, s, l, same_table);
+      if (bc->entries + bc->counters + extra > EARLY_PAIRS) continue;
+      const int32_t d = reg_alloc(p, want);
+      if (d == REG_NONE) continue;
+      m->reg = d;
+      m->grown = 0;
+      act[l] = ROW_MOVED;
+      bc->entries += extra;
+      k++;
+    }
+  }
+  bc->n_done = k;
+  return true;
 }
 
 static inline void put(pvl_plan *p, uint64_t *k, int64_t index,
@@ -209,41 +584,67 @@ static uint64_t layout_size(const pvl_plan *p, uint32_t n, bool slack) {
   for (uint32_t b = 0; b < n; b++)
     for (uint32_t l = 0; l < L; l++) {
       uint32_t nb = p->seqs[b]->tables[l].n_blocks;
-      total += nb + (slack ? row_slack(nb) : 0);
+      total += nb + (slack ? row_slack(b, nb) : 0);
     }
   return total;
 }
 
-/* Phase B: apply the actions of phase A (or repack everything). */
-static void plan_apply(pvl_plan *p, uint32_t n, bool repack, uint64_t *k) {
+/* The last resort: lays every row of the batch out again from the start,
+ * with slack if it fits; rows past the batch lose their regions. Needs
+ * n * num_layers + 1 reserved descriptors. */
+static void plan_repack(pvl_plan *p, uint32_t n, uint64_t *k) {
   const uint32_t L = p->cache->cfg.num_layers;
-  if (repack) {
-    /* Lay every row of the batch out again from the start, with slack if
-     * it fits; rows past the batch lose their regions. */
-    const bool slack = layout_size(p, n, true) <= p->block_cap;
-    uint64_t used = 0;
-    for (uint32_t b = 0; b < n; b++)
-      for (uint32_t l = 0; l < L; l++) {
-        pvl_plan_row *r = &p->rows[(size_t)b * L + l];
-        uint32_t nb = p->seqs[b]->tables[l].n_blocks;
-        r->offset = (int32_t)used;
-        r->cap = nb + (slack ? row_slack(nb) : 0);
-        used += r->cap;
-        row_write(p, k, b, l, 0, true);
+  const bool slack = layout_size(p, n, true) <= p->block_cap;
+  reg_reset(p);
+  for (uint32_t b = 0; b < n; b++)
+    for (uint32_t l = 0; l < L; l++) {
+      pvl_plan_row *r = &p->rows[(size_t)b * L + l];
+      const uint32_t nb = p->seqs[b]->tables[l].n_blocks;
+      const uint32_t len = nb + (slack ? row_slack(b, nb) : 0);
+      r->reg = 0;
+      r->offset = 0;
+      r->cap = 0;
+      if (len) {
+        /* The free space is one region: this takes its start. */
+        const int32_t d = reg_alloc(p, len);
+        r->reg = d + 1;
+        r->offset = p->regs[d].off;
+        r->cap = len;
       }
-    memset(p->rows + (size_t)n * L, 0,
-           (size_t)(p->max_seqs - n) * L * sizeof(pvl_plan_row));
-    memset(p->row_seq + n, 0, (size_t)(p->max_seqs - n) * sizeof(pvl_seq_id));
-    p->used = used;
-    p->info.full_rebuilds++;
-    return;
+      row_write(p, k, b, l, 0, true);
+    }
+  memset(p->rows + (size_t)n * L, 0,
+         (size_t)(p->max_seqs - n) * L * sizeof(pvl_plan_row));
+  memset(p->row_seq + n, 0, (size_t)(p->max_seqs - n) * sizeof(pvl_seq_id));
+  p->info.full_rebuilds++;
+}
+
+/* Phase B: apply the moves of phase A2, then the actions of phase A. */
+static void plan_apply(pvl_plan *p, uint32_t n, const build_counts *bc,
+                       uint64_t *k) {
+  const uint32_t L = p->cache->cfg.num_layers;
+  for (uint32_t i = 0; i < bc->n_done; i++) {
+    const pvl_plan_move *m = &p->moves[i];
+    pvl_plan_row *r = &p->rows[m->row];
+    if (!m->grown) {
+      /* No region is taken after phase A2, so the old one is free only
+       * now, for the next builds. */
+      if (r->reg) reg_free(p, r->reg - 1);
+      r->reg = m->reg + 1;
+      r->offset = p->regs[m->reg].off;
+    }
+    r->cap = (uint32_t)p->regs[m->reg].len;
+    if (m->grown && m->same)
+      row_write(p, k, m->row / L, m->row % L, r->synced, false);
+    else
+      row_write(p, k, m->row / L, m->row % L, 0, true);
   }
   for (uint32_t b = 0; b < n; b++) {
     if (p->skip[b]) continue;
     const uint8_t *act = p->action + (size_t)b * L;
     for (uint32_t l = 0; l < L; l++) {
       pvl_plan_row *r = &p->rows[(size_t)b * L + l];
-      switch (act[l]) {
+      switch (act[l] & ~ROW_NEAR) {
       case ROW_KEEP:
         row_write(p, k, b, l, r->synced, false);
         break;
@@ -252,23 +653,30 @@ static void plan_apply(pvl_plan *p, uint32_t n, bool repack, uint64_t *k) {
          * special case (phase A counted it). */
         row_write(p, k, b, l, 0, true);
         break;
-      default: {
-        uint32_t nb = p->seqs[b]->tables[l].n_blocks;
-        r->offset = (int32_t)p->used;
-        r->cap = nb + row_slack(nb);
-        p->used += r->cap;
-        row_write(p, k, b, l, 0, true);
-        break;
-      }
+      default: /* ROW_MOVED: written above */ break;
       }
     }
   }
+}
+
+/* Room for `want` staged pairs; false (nothing changed) on NO_MEMORY. */
+static bool pairs_reserve(pvl_plan *p, uint64_t want) {
+  if (want <= p->pairs_cap) return true;
+  size_t cap = p->pairs_cap;
+  while (cap < want) cap *= 2;
+  int32_t *fresh = pvl__alloc(p->cache->alloc, cap * 2 * sizeof(int32_t));
+  if (!fresh) return false;
+  pvl__free(p->cache->alloc, p->pairs, p->pairs_cap * 2 * sizeof(int32_t));
+  p->pairs = fresh;
+  p->pairs_cap = cap;
+  return true;
 }
 
 pvl_status pvl_plan_build(pvl_plan *p, const pvl_seq_id *seqs, uint32_t n,
                           void *stream) {
   if (!p) return PVL_FAIL(NULL, PVL_ERR_INVALID_ARGUMENT, "plan is NULL");
   pvl_cache *c = p->cache;
+  const uint32_t L = c->cfg.num_layers;
   if (n > p->max_seqs)
     return PVL_FAIL(c, PVL_ERR_CAPACITY, "batch of %u > plan max_seqs = %u",
                     n, p->max_seqs);
@@ -284,42 +692,79 @@ pvl_status pvl_plan_build(pvl_plan *p, const pvl_seq_id *seqs, uint32_t n,
       return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
                       "seqs[%u] has more than INT32_MAX decoded tokens", b);
 
-  /* Phase A reads p->seqs: point it at the new batch, restore on failure. */
+  /* Phase A reads p->seqs: point it at the new batch, restore on failure
+   * (every failure below happens before anything changed). */
   p->seqs = cur;
-  uint64_t entries = 0;
-  bool repack = false;
-  plan_classify(p, n, &entries, &repack);
-  if (repack && layout_size(p, n, false) > p->block_cap) {
-    p->seqs = prev;
-    return PVL_FAIL(c, PVL_ERR_CAPACITY,
-                    "the batch holds more than the plan's %llu block "
-                    "entries",
-                    (unsigned long long)p->block_cap);
-  }
+  build_counts bc;
+  plan_classify(p, n, &bc);
+  bc.counters = 0;
   for (uint32_t b = 0; b < n; b++)
-    entries += p->stale || p->n_appended[b] != (int32_t)cur[b]->n_decoded;
-  if (entries > p->pairs_cap) {
-    size_t want = p->pairs_cap;
-    while (want < entries) want *= 2;
-    int32_t *fresh = pvl__alloc(c->alloc, want * 2 * sizeof(int32_t));
+    bc.counters += p->stale || p->n_appended[b] != (int32_t)cur[b]->n_decoded;
+  /* Each move may split a free region (one descriptor), and undoing an
+   * extension splits one more. */
+  const uint32_t max_moves = bc.n_moves + bc.n_near;
+  if (!reg_reserve(p, 2 * (uint64_t)max_moves + 2)) {
+    p->seqs = prev;
+    return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "plan regions for %u moves",
+                    max_moves);
+  }
+  if (max_moves > p->moves_cap) {
+    uint32_t cap = p->moves_cap * 2 > max_moves ? p->moves_cap * 2 : max_moves;
+    if (cap > p->max_seqs * L) cap = p->max_seqs * L;
+    pvl_plan_move *fresh = pvl__alloc(c->alloc, cap * sizeof(pvl_plan_move));
     if (!fresh) {
       p->seqs = prev;
-      return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "%llu plan updates",
-                      (unsigned long long)entries);
+      return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "plan moves for %u rows",
+                      max_moves);
     }
-    pvl__free(c->alloc, p->pairs, p->pairs_cap * 2 * sizeof(int32_t));
-    p->pairs = fresh;
-    p->pairs_cap = want;
+    pvl__free(c->alloc, p->moves, p->moves_cap * sizeof(pvl_plan_move));
+    p->moves = fresh;
+    p->moves_cap = cap;
+  }
+  /* Early moves stop at EARLY_PAIRS pairs in all. */
+  uint64_t staged = bc.entries + bc.counters;
+  if (bc.n_near && staged < EARLY_PAIRS) staged = EARLY_PAIRS;
+  if (!pairs_reserve(p, staged)) {
+    p->seqs = prev;
+    return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "%llu plan updates",
+                    (unsigned long long)staged);
+  }
+  bool repack = false;
+  if (!plan_find_room(p, n, &bc)) {
+    /* Too fragmented for some row (undone): lay the batch out again. */
+    if (layout_size(p, n, false) > p->block_cap) {
+      p->seqs = prev;
+      return PVL_FAIL(c, PVL_ERR_CAPACITY,
+                      "the batch holds more than the plan's %llu block "
+                      "entries",
+                      (unsigned long long)p->block_cap);
+    }
+    if (!reg_reserve(p, (uint64_t)n * L + 1 > p->regs_used
+                            ? (uint64_t)n * L + 1 - p->regs_used
+                            : 0) ||
+        !pairs_reserve(p, bc.repack + bc.counters)) {
+      p->seqs = prev;
+      return PVL_FAIL(c, PVL_ERR_NO_MEMORY,
+                      "repacking the plan (%llu "
+                      "updates)",
+                      (unsigned long long)(bc.repack + bc.counters));
+    }
+    repack = true;
   }
   memcpy(prev, cur, (size_t)n * sizeof(pvl_seq *));
   p->seqs = prev;
 
   uint64_t k = 0;
-  plan_apply(p, n, repack, &k);
+  if (repack)
+    plan_repack(p, n, &k);
+  else
+    plan_apply(p, n, &bc, &k);
+  uint32_t old_tail_rows = 0;
   for (uint32_t b = 0; b < n; b++) {
     const pvl_seq *s = p->seqs[b];
     p->row_seq[b] = s->id;
     p->row_version[b] = s->version;
+    old_tail_rows += s->n_old_tail != 0;
     if (p->stale || p->n_appended[b] != (int32_t)s->n_decoded) {
       p->n_appended[b] = (int32_t)s->n_decoded;
       put(p, &k, pvl_plan_n_appended_index(&p->view, (int32_t)b),
@@ -328,7 +773,9 @@ pvl_status pvl_plan_build(pvl_plan *p, const pvl_seq_id *seqs, uint32_t n,
   }
   p->n_seqs = n;
   p->view.n_seqs = (int32_t)n;
+  p->old_tail_rows = old_tail_rows;
   p->stale = false;
+  p->built = true;
   p->built_clock = c->mut_clock;
   st = c->be->plan_upload(p, p->pairs, (uint32_t)k, stream);
   if (st != PVL_SUCCESS) {
@@ -351,6 +798,9 @@ static pvl_status plan_check_fresh(const pvl_plan *p, uint32_t layer,
     return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn,
                      "layer %u out of range (num_layers = %u)", layer,
                      c->cfg.num_layers);
+  if (!p->built)
+    return pvl__fail(c, PVL_ERR_BAD_STATE, fn,
+                     "the plan was never built: call pvl_plan_build first");
   if (p->stale)
     return pvl__fail(c, PVL_ERR_BAD_STATE, fn,
                      "the last pvl_plan_build failed: build again");
@@ -376,18 +826,36 @@ pvl_status pvl_plan_kv_write(pvl_plan *p, uint32_t layer, const void *k,
     return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT, "k or v is NULL");
   pvl_status st = plan_check_fresh(p, layer, __func__);
   if (st != PVL_SUCCESS) return st;
-  for (uint32_t b = 0; b < p->n_seqs; b++) {
-    const pvl_table *t = &p->seqs[b]->tables[layer];
-    if (t->n_tokens == 0)
-      return PVL_FAIL(c, PVL_ERR_BAD_STATE,
-                      "row %u has no slot in layer %u: append first", b,
-                      layer);
-    if (c->pool.num_shared &&
-        c->pool.refcount[t->blocks[t->n_blocks - 1]] > 1)
-      return PVL_FAIL(c, PVL_ERR_BAD_STATE,
-                      "row %u's last block in layer %u is shared with a "
-                      "fork: append (which copies it) before writing",
-                      b, layer);
+  /* The kernels write slot len - 1 of each row. It must be the slot of the
+   * sequence's newest position: after a retain dropped that slot it holds
+   * an older token, which must not be overwritten. The build counted the
+   * rows with such layers (a fresh plan still holds), so in the common case
+   * (no such row, no fork) nothing here is per row. */
+  if (p->old_tail_rows || c->pool.num_shared) {
+    for (uint32_t b = 0; b < p->n_seqs; b++) {
+      const pvl_seq *s = p->seqs[b];
+      const pvl_table *t = &s->tables[layer];
+      if (t->n_tokens == 0)
+        return PVL_FAIL(c, PVL_ERR_BAD_STATE,
+                        "row %u (sequence 0x%llx) has no slot in layer %u: "
+                        "append first",
+                        b, (unsigned long long)s->id, layer);
+      if (s->n_old_tail && pvl__tail_old(s, t))
+        return PVL_FAIL(
+            c, PVL_ERR_BAD_STATE,
+            "row %u (sequence 0x%llx): the last slot of layer %u holds "
+            "position %u, not the newest position %u (a retain or "
+            "compression dropped it): writing would overwrite an older "
+            "token; pvl_seq_append a slot for the new token first",
+            b, (unsigned long long)s->id, layer, t->pos[t->n_tokens - 1],
+            s->n_prompt + s->n_decoded - 1);
+      if (c->pool.num_shared &&
+          c->pool.refcount[t->blocks[t->n_blocks - 1]] > 1)
+        return PVL_FAIL(c, PVL_ERR_BAD_STATE,
+                        "row %u's last block in layer %u is shared with a "
+                        "fork: append (which copies it) before writing",
+                        b, layer);
+    }
   }
   if (p->n_seqs == 0) return PVL_SUCCESS;
   st = c->be->plan_kv_write(p, layer, k, v, stream);
@@ -410,4 +878,104 @@ pvl_status pvl_attention_decode(pvl_plan *p, uint32_t layer, const void *q,
   if (scale == 0.0f) scale = 1.0f / sqrtf((float)c->cfg.head_dim);
   st = c->be->attention(p, layer, q, out, scale, stream);
   return st == PVL_SUCCESS ? st : PVL_PREFIX(c, st);
+}
+
+/* ---- invariant check (tests) ---- */
+
+pvl_status pvl__plan_check(const pvl_plan *p, char *msg, size_t msg_len) {
+#define BAD(...)                                                               \
+  do {                                                                         \
+    if (msg && msg_len) snprintf(msg, msg_len, "plan: " __VA_ARGS__);          \
+    st = PVL_ERR_INTERNAL;                                                     \
+    goto done;                                                                 \
+  } while (0)
+  pvl_status st = PVL_SUCCESS;
+  const uint32_t L = p->cache->cfg.num_layers;
+  /* owner[d]: 0 = not yet seen, 1 = region seen on the chain, 2 = owned
+   * by a row. libc, so a test's failing allocator does not see it. */
+  uint8_t *owner = calloc((size_t)p->regs_hw + 1, 1);
+  if (!owner) {
+    if (msg && msg_len) snprintf(msg, msg_len, "no memory for the check");
+    return PVL_ERR_NO_MEMORY;
+  }
+  if (p->regs_used > p->regs_hw || p->regs_hw > p->regs_cap)
+    BAD("%u descriptors used, %u handed out, capacity %u", p->regs_used,
+        p->regs_hw, p->regs_cap);
+  int32_t first = REG_NONE;
+  for (uint32_t d = 0; d < p->regs_hw; d++)
+    if (p->regs[d].free != REG_UNUSED && p->regs[d].prev == REG_NONE) {
+      if (first != REG_NONE)
+        BAD("regions %d and %u both start the array", first, d);
+      first = (int32_t)d;
+    }
+  uint64_t off = 0;
+  uint32_t n_regs = 0, n_free = 0;
+  for (int32_t d = first, prev = REG_NONE; d != REG_NONE;
+       prev = d, d = p->regs[d].next) {
+    const pvl_plan_region *r = &p->regs[d];
+    if ((uint32_t)d >= p->regs_hw || owner[d])
+      BAD("region chain revisits or leaves the descriptors at %d", d);
+    owner[d] = 1;
+    if (r->prev != prev)
+      BAD("region %d: prev %d, expected %d", d, r->prev, prev);
+    if (r->len <= 0 || (uint64_t)r->off != off)
+      BAD("region %d = [%d, +%d) does not follow at %llu", d, r->off, r->len,
+          (unsigned long long)off);
+    if (r->free != 0 && r->free != 1) BAD("region %d: free = %d", d, r->free);
+    if (r->free && prev != REG_NONE && p->regs[prev].free)
+      BAD("free regions %d and %d are adjacent", prev, d);
+    off += (uint64_t)r->len;
+    n_regs++;
+    n_free += (uint32_t)r->free;
+  }
+  if (off != p->block_cap)
+    BAD("regions cover %llu of %llu ids", (unsigned long long)off,
+        (unsigned long long)p->block_cap);
+  if (n_regs != p->regs_used)
+    BAD("%u regions on the chain, %u descriptors in use", n_regs, p->regs_used);
+  uint32_t listed = 0;
+  for (uint32_t f = 0; f < PVL_PLAN_FL_N; f++)
+    for (uint32_t i = 0; i < PVL_PLAN_SL_N; i++) {
+      const int32_t h = p->heads[f][i];
+      if ((h != REG_NONE) != !!(p->sl_bits[f] & (1u << i)) ||
+          (p->sl_bits[f] != 0) != !!(p->fl_bits & (1u << f)))
+        BAD("class (%u, %u): bitmaps disagree with the list", f, i);
+      for (int32_t d = h, prev = REG_NONE; d != REG_NONE;
+           prev = d, d = p->regs[d].fnext) {
+        if ((uint32_t)d >= p->regs_hw || owner[d] != 1 || !p->regs[d].free)
+          BAD("class (%u, %u) lists region %d, not a free region", f, i, d);
+        uint32_t cf, cs;
+        reg_class((uint32_t)p->regs[d].len, &cf, &cs);
+        if (cf != f || cs != i || p->regs[d].fprev != prev)
+          BAD("region %d of %d ids is in class (%u, %u)", d, p->regs[d].len, f,
+              i);
+        if (++listed > n_free) BAD("a free list loops");
+      }
+    }
+  if (listed != n_free) BAD("%u free regions, %u listed", n_free, listed);
+  for (uint32_t b = 0; b < p->max_seqs; b++)
+    for (uint32_t l = 0; l < L; l++) {
+      const pvl_plan_row *r = &p->rows[(size_t)b * L + l];
+      if (!r->reg) {
+        if (r->cap) BAD("row (%u, %u) has cap %u and no region", b, l, r->cap);
+        continue;
+      }
+      const int32_t d = r->reg - 1;
+      if ((uint32_t)d >= p->regs_hw || owner[d] != 1 || p->regs[d].free)
+        BAD("row (%u, %u): region %d is not a live region, or shared", b, l, d);
+      owner[d] = 2;
+      if (p->regs[d].off != r->offset || (uint32_t)p->regs[d].len != r->cap)
+        BAD("row (%u, %u) at [%d, +%u), its region [%d, +%d)", b, l, r->offset,
+            r->cap, p->regs[d].off, p->regs[d].len);
+      if (b < p->n_seqs && r->synced > r->cap)
+        BAD("row (%u, %u): %u ids in a region of %u", b, l, r->synced, r->cap);
+    }
+  for (uint32_t d = 0; d < p->regs_hw; d++)
+    if (owner[d] == 1 && !p->regs[d].free)
+      BAD("live region %u = [%d, +%d) belongs to no row", d, p->regs[d].off,
+          p->regs[d].len);
+done:
+  free(owner);
+  return st;
+#undef BAD
 }

@@ -323,6 +323,7 @@ static pvl_status seq_fork(pvl_cache *c, pvl_seq_id parent, pvl_seq_id *child) {
   }
   s->n_prompt = p->n_prompt;
   s->n_decoded = p->n_decoded;
+  s->n_old_tail = p->n_old_tail; /* same positions, same newest */
   seq_register(c, s);
   *child = s->id;
   return PVL_SUCCESS;
@@ -468,6 +469,7 @@ static pvl_status seq_append(pvl_cache *c, const pvl_seq_id *seqs, uint32_t n,
       c->layer_tokens[l]++;
     }
     s->n_decoded++;
+    s->n_old_tail = 0; /* every layer's last slot is the new position */
     if (changed) s->version = ++c->epoch_clock;
   }
   return PVL_SUCCESS;
@@ -567,6 +569,7 @@ pvl_status pvl__retain_commit(pvl_cache *c, pvl_seq *s, uint32_t layer,
     }
   }
   /* Commit: nothing below fails. */
+  const bool was_old = pvl__tail_old(s, t);
   if (prep->new_pos)
     for (uint32_t i = 0; i < n_keep; i++)
       prep->new_pos[i] = t->pos ? t->pos[keep[i]] : keep[i];
@@ -582,6 +585,9 @@ pvl_status pvl__retain_commit(pvl_cache *c, pvl_seq *s, uint32_t layer,
     t->cap_pos = prep->cap_pos;
     prep->new_pos = NULL;
   }
+  /* Dropping the newest slot leaves an older token last, which
+   * pvl_plan_kv_write must not overwrite. */
+  s->n_old_tail += (uint32_t)pvl__tail_old(s, t) - (uint32_t)was_old;
   t->epoch = ++c->epoch_clock;
   s->version = t->epoch;
   c->mut_clock++;

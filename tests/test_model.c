@@ -619,6 +619,10 @@ static void op_plan_write(model *M) {
     for (uint32_t b = 0; b < M->nbatch; b++) {
       mtab *t = &rows[b]->t[l];
       if (t->n == 0 || M->ref[t->blk[t->nb - 1]] > 1) want = PVL_ERR_BAD_STATE;
+      /* The last slot must be the newest position, not an older token a
+       * retain left last. */
+      else if (t->pos[t->n - 1] != rows[b]->n_prompt + rows[b]->n_decoded - 1)
+        want = PVL_ERR_BAD_STATE;
     }
   float k[64 * 2], v[64 * 2], tags[64];
   for (uint32_t b = 0; b < M->nbatch; b++) {
@@ -716,7 +720,8 @@ static void run_model(const char *name, uint32_t L, uint32_t bs, uint32_t NB,
   pvl_plan_info pinfo;
   cr_assert_eq(pvl_plan_get_info(M->plan, &pinfo), PVL_SUCCESS);
   M->plan_cap = pinfo.block_capacity;
-  for (uint32_t l = 0; l < L; l++) M->fresh[l] = true; /* empty batch */
+  /* A plan that was never built refuses attention and writes. */
+  for (uint32_t l = 0; l < L; l++) M->fresh[l] = false;
 
   /* Weights of the operations; frees get likelier as the pool fills. */
   static const uint32_t weight[N_OPS] = {14, 28, 7, 13, 8, 8, 7, 4, 4, 4, 3};

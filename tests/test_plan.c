@@ -1,6 +1,8 @@
 /* Batch plans: the CSR rows in the plan buffer against the page tables,
  * the exact size of incremental updates, batch changes, retain and
- * copy-on-write, capacity failures, stale plans, and the repack path. */
+ * copy-on-write, capacity failures, stale and never-built plans, writes
+ * after a retain dropped the newest slot, and the id array's allocator
+ * (growth in place, moves into freed regions, the repack path). */
 #include <math.h>
 #include <stdlib.h>
 
@@ -503,8 +505,10 @@ Test(plan, plan_kv_write_fills_the_newest_slot_only) {
   pvl_seq_id s[3] = {tu_add(c, 3), tu_add(c, 4), tu_add(c, 9)};
   for (int i = 0; i < 3; i++) fill_seq(c, &r, s[i]);
   TU_OK(c, pvl_seq_append(c, s, 3, NULL));
-  const uint32_t keep[] = {1, 2, 3};
-  TU_OK(c, pvl_seq_retain(c, s[2], 1, keep, 3, NULL)); /* layers differ */
+  /* Layers differ; the newest slot (9) stays, so it is still the one the
+   * plan writes. */
+  const uint32_t keep[] = {1, 2, 3, 9};
+  TU_OK(c, pvl_seq_retain(c, s[2], 1, keep, 4, NULL));
   pvl_plan *p = NULL;
   TU_OK(c, pvl_plan_create(c, 3, 0, &p));
   TU_OK(c, pvl_plan_build(p, s, 3, NULL));
@@ -544,10 +548,29 @@ Test(plan, plan_kv_write_fills_the_newest_slot_only) {
   pvl_cache_destroy(c);
 }
 
-/* Random batches on a plan with little room: rows relocate and layers are
- * repacked; after every build the buffer must equal the tables, and
- * attention must read them. */
-Test(plan, repack_under_pressure_stays_correct, .timeout = 120) {
+/* The plan's allocator must be consistent (regions tile the array, rows
+ * own disjoint regions of their cap): pvl__plan_check. */
+static void check_plan_alloc(const pvl_plan *p) {
+  char msg[256] = "";
+  pvl_status st = pvl__plan_check(p, msg, sizeof(msg));
+  cr_assert_eq(st, PVL_SUCCESS, "%s", msg);
+}
+
+/* Offset of every row (b, l) of the plan buffer, for b < n. */
+static void row_offsets(const pvl_plan *p, uint32_t n, uint32_t L,
+                        int32_t *out) {
+  for (uint32_t b = 0; b < n; b++)
+    for (uint32_t l = 0; l < L; l++)
+      out[b * L + l] =
+          p->view
+              .buf[pvl_plan_row_offset_index(&p->view, (int32_t)l, (int32_t)b)];
+}
+
+/* Random batches on a plan with little room: rows grow, move into freed
+ * regions and the layout is repacked when nothing fits; after every build
+ * the buffer must equal the tables, the allocator must be consistent, and
+ * attention must read the tables. */
+Test(plan, random_batches_under_pressure_stay_correct, .timeout = 120) {
   tu_rng r;
   tu_rng_init(&r, tu_seed("plan.repack_under_pressure"));
   const uint32_t L = 2, bs = 2, NS = 6;
@@ -559,7 +582,10 @@ Test(plan, repack_under_pressure_stays_correct, .timeout = 120) {
   }
   pvl_plan *p = NULL;
   TU_OK(c, pvl_plan_create(c, 4, 240, &p)); /* both layers together */
-  uint64_t relocating_builds = 0;
+  uint64_t moving_builds = 0, repacking_builds = 0;
+  pvl_seq_id prev_batch[4] = {0};
+  uint32_t prev_n = 0;
+  int32_t off_before[4 * 2], off_after[4 * 2];
   for (int step = 0; step < 400; step++) {
     /* A random batch of 1..4 distinct sequences. */
     pvl_seq_id order[NS];
@@ -589,6 +615,7 @@ Test(plan, repack_under_pressure_stays_correct, .timeout = 120) {
       fill_seq(c, &r, pool[i]);
       continue;
     }
+    row_offsets(p, prev_n, L, off_before);
     pvl_plan_info before = plan_info(p);
     pvl_status st = pvl_plan_build(p, order, n, NULL);
     if (st == PVL_ERR_CAPACITY) {
@@ -605,17 +632,319 @@ Test(plan, repack_under_pressure_stays_correct, .timeout = 120) {
     cr_assert_eq(st, PVL_SUCCESS, "seed %llu step %d: %s",
                  (unsigned long long)r.seed, step, pvl_cache_last_error(c));
     pvl_plan_info after = plan_info(p);
-    relocating_builds += after.full_rebuilds > before.full_rebuilds;
+    const bool repacked = after.full_rebuilds > before.full_rebuilds;
+    repacking_builds += repacked;
+    /* A row of the same sequence at a new offset moved (or was repacked). */
+    row_offsets(p, n, L, off_after);
+    bool moved = false;
+    for (uint32_t b = 0; b < n && b < prev_n; b++)
+      for (uint32_t l = 0; l < L; l++)
+        moved |= order[b] == prev_batch[b] &&
+                 off_after[b * L + l] != off_before[b * L + l];
+    moving_builds += moved && !repacked;
+    memcpy(prev_batch, order, n * sizeof(pvl_seq_id));
+    prev_n = n;
     tu_check_plan_rows(c, p, order, n);
+    check_plan_alloc(p);
     if (op < 7) write_newest(c, &r, p, n);
     check_attention(c, &r, p, order, n, (uint32_t)step % L);
   }
-  cr_assert_gt(relocating_builds, 0, "the repack path never ran");
-  cr_log_info("repacking builds: %llu, full_rebuilds %llu",
-              (unsigned long long)relocating_builds,
-              (unsigned long long)plan_info(p).full_rebuilds);
+  cr_assert_gt(moving_builds, 0, "no row ever moved to another region");
+  cr_log_info("builds that moved rows: %llu, repacking builds: %llu",
+              (unsigned long long)moving_builds,
+              (unsigned long long)repacking_builds);
   TU_OK(c, pvl_plan_destroy(p));
   TU_CHECK(c);
+  pvl_cache_destroy(c);
+}
+
+/* Appends n tokens to every sequence of ids[0..m). */
+static void append_n(pvl_cache *c, pvl_seq_id *ids, uint32_t m, uint32_t n) {
+  for (uint32_t i = 0; i < n; i++) TU_OK(c, pvl_seq_append(c, ids, m, NULL));
+}
+
+/* One layer, one token per block (a row of nb blocks asks for nb + 2 +
+ * nb/8 ids), 4 sequences of 4 tokens, a plan of 35 ids:
+ *   first build: a [0, 6), b [6, 12), c [12, 18), d [18, 24), free
+ *   [24, 35); a first build is not a repack.
+ *   d grows to 7 blocks: it takes the free space right after it, in place
+ *   (d [18, 27)), so only its 3 new ids and its counter are sent.
+ *   b grows to 7 with c right after it: it moves into [27, 34) (7 ids: the
+ *   9 it asks for fit nowhere) and sends its whole row; [6, 12) is free.
+ * Then the caller's own steps. */
+static pvl_plan *allocator_scenario(pvl_cache *c, tu_rng *r, pvl_seq_id *s) {
+  for (int i = 0; i < 4; i++) {
+    s[i] = tu_add(c, 4);
+    fill_seq(c, r, s[i]);
+  }
+  pvl_plan *p = NULL;
+  TU_OK(c, pvl_plan_create(c, 4, 35, &p));
+  TU_OK(c, pvl_plan_build(p, s, 4, NULL));
+  cr_assert_eq(plan_info(p).full_rebuilds, 0);
+  check_plan_alloc(p);
+  int32_t off[4];
+  row_offsets(p, 4, 1, off);
+  cr_assert(off[0] == 0 && off[1] == 6 && off[2] == 12 && off[3] == 18);
+
+  append_n(c, &s[3], 1, 3);
+  TU_OK(c, pvl_plan_build(p, s, 4, NULL));
+  pvl_plan_info info = plan_info(p);
+  cr_assert_eq(info.last_update_entries, 3 + 1);
+  row_offsets(p, 4, 1, off);
+  cr_assert_eq(off[3], 18, "d moved although it could grow in place");
+  tu_check_plan_rows(c, p, s, 4);
+  check_plan_alloc(p);
+  write_newest(c, r, p, 4);
+  check_attention(c, r, p, s, 4, 0);
+
+  append_n(c, &s[1], 1, 3);
+  TU_OK(c, pvl_plan_build(p, s, 4, NULL));
+  info = plan_info(p);
+  cr_assert_eq(info.last_update_entries, 7 + 2 + 1); /* ids, offset, base */
+  cr_assert_eq(info.full_rebuilds, 0);
+  row_offsets(p, 4, 1, off);
+  cr_assert_eq(off[1], 27);
+  tu_check_plan_rows(c, p, s, 4);
+  check_plan_alloc(p);
+  write_newest(c, r, p, 4);
+  check_attention(c, r, p, s, 4, 0);
+  return p;
+}
+
+Test(plan, a_freed_region_is_reused) {
+  tu_rng r;
+  tu_rng_init(&r, tu_seed("plan.a_freed_region_is_reused"));
+  pvl_cache *c = plan_cache(1, 1, 128);
+  pvl_seq_id s[4];
+  pvl_plan *p = allocator_scenario(c, &r, s);
+  /* a outgrows [0, 6) into b's old region, in place: 3 ids + counter. */
+  append_n(c, &s[0], 1, 3);
+  TU_OK(c, pvl_plan_build(p, s, 4, NULL));
+  pvl_plan_info info = plan_info(p);
+  cr_assert_eq(info.last_update_entries, 3 + 1);
+  cr_assert_eq(info.full_rebuilds, 0);
+  int32_t off[4];
+  row_offsets(p, 4, 1, off);
+  cr_assert_eq(off[0], 0);
+  tu_check_plan_rows(c, p, s, 4);
+  check_plan_alloc(p);
+  write_newest(c, &r, p, 4);
+  check_attention(c, &r, p, s, 4, 0);
+  TU_CHECK(c); /* includes the plan's allocator */
+  pvl_cache_destroy(c);
+}
+
+Test(plan, repack_only_when_fragmentation_leaves_no_region) {
+  tu_rng r;
+  tu_rng_init(&r, tu_seed("plan.repack_only_when_fragmented"));
+  pvl_cache *c = plan_cache(1, 1, 128);
+  pvl_seq_id s[4];
+  pvl_plan *p = allocator_scenario(c, &r, s);
+  /* Free: [6, 12) and [34, 35), 7 ids in all. c grows to 7 blocks: no
+   * region holds 7, so the batch is laid out again (with slack: 6 + 9 +
+   * 9 + 9 <= 35), every row sent whole, and the repack counted. */
+  append_n(c, &s[2], 1, 3);
+  TU_OK(c, pvl_plan_build(p, s, 4, NULL));
+  pvl_plan_info info = plan_info(p);
+  cr_assert_eq(info.full_rebuilds, 1);
+  cr_assert_eq(info.last_update_entries,
+               (4 + 2) + (7 + 2) + (7 + 2) + (7 + 2) + 1);
+  int32_t off[4];
+  row_offsets(p, 4, 1, off);
+  cr_assert(off[0] == 0 && off[1] == 6 && off[2] == 15 && off[3] == 24);
+  tu_check_plan_rows(c, p, s, 4);
+  check_plan_alloc(p);
+  write_newest(c, &r, p, 4);
+  check_attention(c, &r, p, s, 4, 0);
+  /* Growing on to 33 of the 35 ids (tight): every build stays correct,
+   * repacking as often as this tiny plan needs. */
+  for (int step = 0; step < 2; step++) {
+    append_n(c, s, 4, 1);
+    TU_OK(c, pvl_plan_build(p, s, 4, NULL));
+    tu_check_plan_rows(c, p, s, 4);
+    check_plan_alloc(p);
+    write_newest(c, &r, p, 4);
+    check_attention(c, &r, p, s, 4, 0);
+  }
+  TU_CHECK(c);
+  pvl_cache_destroy(c);
+}
+
+/* The newest slot of a layer dropped by a retain (issue: position 7
+ * received the token meant for position 8): the plan must refuse to write
+ * the layer, change nothing, and name the row and the positions; other
+ * layers are written; an append gives the new token its own slot. */
+Test(plan, kv_write_refuses_a_layer_whose_newest_slot_was_dropped) {
+  tu_rng r;
+  tu_rng_init(&r, tu_seed("plan.kv_write_dropped_newest"));
+  const uint32_t L = 2, bs = 4;
+  pvl_cache *c = plan_cache(L, bs, 64);
+  pvl_seq_id s[2] = {tu_add(c, 8), tu_add(c, 5)};
+  for (int i = 0; i < 2; i++) fill_seq(c, &r, s[i]);
+  TU_OK(c, pvl_seq_append(c, s, 2, NULL)); /* s[0]: slot 8 = position 8 */
+  const uint32_t keep[] = {0, 1, 2, 3, 4, 5, 6, 7};
+  TU_OK(c, pvl_seq_retain(c, s[0], 1, keep, 8, NULL)); /* drops slot 8 */
+  pvl_plan *p = NULL;
+  TU_OK(c, pvl_plan_create(c, 2, 0, &p));
+  TU_OK(c, pvl_plan_build(p, s, 2, NULL));
+
+  float k[2 * HKV * D], v[2 * HKV * D];
+  tu_fill(&r, PVL_DTYPE_F32, 2, 3, k, NULL, 2 * HKV * D);
+  tu_fill(&r, PVL_DTYPE_F32, 2, 3, v, NULL, 2 * HKV * D);
+  tu_snap *before = tu_snap_take(c, s, 2, true);
+  cr_assert_eq(pvl_plan_kv_write(p, 1, k, v, NULL), PVL_ERR_BAD_STATE);
+  const char *msg = pvl_cache_last_error(c);
+  cr_assert(strstr(msg, "pvl_plan_kv_write") && strstr(msg, "row 0") &&
+                strstr(msg, "layer 1") && strstr(msg, "position 7") &&
+                strstr(msg, "newest position 8"),
+            "message: %s", msg);
+  TU_UNCHANGED(c, before, s, 2, true); /* neither row was written */
+  tu_snap_free(before);
+  /* Layer 0 still ends with position 8: written there. */
+  TU_OK(c, pvl_plan_kv_write(p, 0, k, v, NULL));
+  uint32_t n;
+  float *v0, *k0 = read_layer(c, s[0], 0, &v0, &n);
+  cr_assert_eq(n, 9);
+  cr_assert_arr_eq(k0 + 8 * HKV * D, k, HKV * D * sizeof(float));
+  free(k0);
+  free(v0);
+  /* Attention reads the retained layer as it is. */
+  check_attention(c, &r, p, s, 2, 1);
+
+  /* A fork inherits the dropped slot: refused through a plan too. */
+  pvl_seq_id f = 0;
+  TU_OK(c, pvl_seq_fork(c, s[0], &f));
+  pvl_plan *pf = NULL;
+  TU_OK(c, pvl_plan_create(c, 1, 0, &pf));
+  TU_OK(c, pvl_plan_build(pf, &f, 1, NULL));
+  cr_assert_eq(pvl_plan_kv_write(pf, 1, k, v, NULL), PVL_ERR_BAD_STATE);
+  TU_OK(c, pvl_seq_free(c, f));
+
+  /* The next step appends: its slot is position 9, and the write lands
+   * there, after the kept positions 0..7. */
+  float *k1, *v1;
+  uint32_t n1;
+  k1 = read_layer(c, s[0], 1, &v1, &n1);
+  TU_OK(c, pvl_seq_append(c, s, 2, NULL));
+  TU_OK(c, pvl_plan_build(p, s, 2, NULL));
+  TU_OK(c, pvl_plan_kv_write(p, 1, k, v, NULL));
+  uint32_t pos[16];
+  TU_OK(c, pvl_seq_positions(c, s[0], 1, pos, 16, &n));
+  cr_assert_eq(n, 9);
+  for (uint32_t i = 0; i < 8; i++) cr_assert_eq(pos[i], i);
+  cr_assert_eq(pos[8], 9);
+  float *v2, *k2 = read_layer(c, s[0], 1, &v2, &n);
+  cr_assert_arr_eq(k2, k1, 8 * HKV * D * sizeof(float), "older slots");
+  cr_assert_arr_eq(v2, v1, 8 * HKV * D * sizeof(float), "older slots");
+  cr_assert_arr_eq(k2 + 8 * HKV * D, k, HKV * D * sizeof(float));
+  cr_assert_arr_eq(v2 + 8 * HKV * D, v, HKV * D * sizeof(float));
+  free(k1);
+  free(v1);
+  free(k2);
+  free(v2);
+  check_attention(c, &r, p, s, 2, 1);
+
+  /* An emptied layer has no slot at all. */
+  TU_OK(c, pvl_seq_retain(c, s[1], 0, NULL, 0, NULL));
+  TU_OK(c, pvl_plan_build(p, s, 2, NULL));
+  cr_assert_eq(pvl_plan_kv_write(p, 0, k, v, NULL), PVL_ERR_BAD_STATE);
+  cr_assert(strstr(pvl_cache_last_error(c), "no slot"));
+  TU_CHECK(c);
+  pvl_cache_destroy(c);
+}
+
+/* pvl_decode_cap drops the newest slot (streaming with sinks covering the
+ * whole budget keeps the oldest tokens): refused as above. The serving
+ * flow, cap then append then write, lands the new token at the newest
+ * position. */
+Test(plan, decode_cap_then_append_writes_the_newest_position) {
+  tu_rng r;
+  tu_rng_init(&r, tu_seed("plan.decode_cap_then_append"));
+  const uint32_t L = 2, bs = 4;
+  pvl_cache *c = plan_cache(L, bs, 64);
+  pvl_seq_id s = tu_add(c, 10);
+  fill_seq(c, &r, s);
+  pvl_plan *p = NULL;
+  TU_OK(c, pvl_plan_create(c, 1, 0, &p));
+  float k[HKV * D], v[HKV * D];
+  for (int i = 0; i < 3; i++) { /* positions 10, 11, 12 */
+    TU_OK(c, pvl_seq_append(c, &s, 1, NULL));
+    TU_OK(c, pvl_plan_build(p, &s, 1, NULL));
+    write_newest(c, &r, p, 1);
+  }
+  pvl_policy pol;
+  TU_OK(c, pvl_policy_init(&pol, PVL_POLICY_STREAMING));
+  pol.decode_cap = 12;
+  pol.decode_cap_slack = 4; /* down to 8 tokens */
+  pol.sink_tokens = 8;      /* all of them sinks: positions 0..7 */
+  uint32_t did = 0;
+  TU_OK(c, pvl_decode_cap(c, s, 1, &pol, &did, NULL));
+  cr_assert_eq(did, 1);
+  uint32_t pos[16], n;
+  TU_OK(c, pvl_seq_positions(c, s, 1, pos, 16, &n));
+  cr_assert_eq(n, 8);
+  cr_assert_eq(pos[7], 7, "the cap kept the newest position");
+
+  TU_OK(c, pvl_plan_build(p, &s, 1, NULL));
+  tu_fill(&r, PVL_DTYPE_F32, 2, 3, k, NULL, HKV * D);
+  tu_fill(&r, PVL_DTYPE_F32, 2, 3, v, NULL, HKV * D);
+  tu_snap *before = tu_snap_take(c, &s, 1, true);
+  cr_assert_eq(pvl_plan_kv_write(p, 1, k, v, NULL), PVL_ERR_BAD_STATE);
+  TU_UNCHANGED(c, before, &s, 1, true);
+  tu_snap_free(before);
+
+  uint32_t n0;
+  float *v0, *k0 = read_layer(c, s, 1, &v0, &n0);
+  TU_OK(c, pvl_seq_append(c, &s, 1, NULL)); /* position 13 */
+  TU_OK(c, pvl_plan_build(p, &s, 1, NULL));
+  TU_OK(c, pvl_plan_kv_write(p, 1, k, v, NULL));
+  TU_OK(c, pvl_plan_kv_write(p, 0, k, v, NULL));
+  TU_OK(c, pvl_seq_positions(c, s, 1, pos, 16, &n));
+  cr_assert_eq(n, 9);
+  cr_assert_eq(pos[8], 13);
+  uint32_t n1;
+  float *v1, *k1 = read_layer(c, s, 1, &v1, &n1);
+  cr_assert_arr_eq(k1, k0, 8 * HKV * D * sizeof(float), "older slots");
+  cr_assert_arr_eq(v1, v0, 8 * HKV * D * sizeof(float), "older slots");
+  cr_assert_arr_eq(k1 + 8 * HKV * D, k, HKV * D * sizeof(float));
+  cr_assert_arr_eq(v1 + 8 * HKV * D, v, HKV * D * sizeof(float));
+  free(k0);
+  free(v0);
+  free(k1);
+  free(v1);
+  for (uint32_t l = 0; l < L; l++) check_attention(c, &r, p, &s, 1, l);
+  TU_CHECK(c);
+  pvl_cache_destroy(c);
+}
+
+/* A plan that was never built has no rows the caller chose: attention and
+ * writes refuse (BAD_STATE) and write nothing, also after a first build
+ * that failed. An empty batch that was built is fine. */
+Test(plan, never_built_plan_is_refused) {
+  pvl_cache *c = plan_cache(2, 4, 64);
+  pvl_seq_id s = tu_add(c, 5);
+  pvl_plan *p = NULL;
+  TU_OK(c, pvl_plan_create(c, 1, 2, &p)); /* 2 ids: s (2 blocks x 2
+                                             layers) does not fit */
+  float q[HQ * D] = {0}, out[HQ * D], kv[HKV * D] = {0};
+  for (int attempt = 0; attempt < 2; attempt++) {
+    tu_poison(PVL_DTYPE_F32, out, HQ * D);
+    cr_assert_eq(pvl_attention_decode(p, 0, q, out, 0.0f, NULL),
+                 PVL_ERR_BAD_STATE);
+    cr_assert(strstr(pvl_cache_last_error(c), "never built"), "%s",
+              pvl_cache_last_error(c));
+    cr_assert_eq(pvl_plan_kv_write(p, 1, kv, kv, NULL), PVL_ERR_BAD_STATE);
+    cr_assert(strstr(pvl_cache_last_error(c), "pvl_plan_kv_write"));
+    for (int i = 0; i < HQ * D; i++) cr_assert(isnan(out[i]), "out written");
+    /* NULL buffers are not the reason. */
+    cr_assert_eq(pvl_attention_decode(p, 0, NULL, NULL, 0.0f, NULL),
+                 PVL_ERR_BAD_STATE);
+    if (attempt == 0)
+      cr_assert_eq(pvl_plan_build(p, &s, 1, NULL), PVL_ERR_CAPACITY);
+  }
+  TU_OK(c, pvl_plan_build(p, NULL, 0, NULL));
+  TU_OK(c, pvl_attention_decode(p, 0, NULL, NULL, 0.0f, NULL));
+  TU_OK(c, pvl_plan_kv_write(p, 1, NULL, NULL, NULL));
   pvl_cache_destroy(c);
 }
 
