@@ -46,12 +46,13 @@ pvl_status launch(const Params &p, unsigned grid, cudaStream_t stream) {
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return pvlk::cuda_status(e);
   }
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  PVLK_LAUNCH((kernel), grid, kThreads, smem, stream, p);
   pvl_status st = pvlk::launch_status();
   if (st != PVL_SUCCESS || p.splits == 1) return st;
   const int64_t warps = (int64_t)p.n_seqs * p.num_q_heads;
-  combine_kernel<T, HD>
-      <<<(unsigned)((warps + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p);
+  PVLK_LAUNCH((combine_kernel<T, HD>),
+              (unsigned)((warps + kWarps - 1) / kWarps), kThreads, 0, stream,
+              p);
   return pvlk::launch_status();
 }
 

@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
   constexpr int DUP = S::kDup, MP = S::kMp, LPH = S::kLph;
   constexpr int ROW = HD * 2; /* bytes of one K or V row */
 
-  extern __shared__ __align__(16) unsigned char smem[];
+  PVLK_DYNAMIC_SMEM(smem);
   __shared__ float fac[kWarps * RPW][GMAX];
   __shared__ float head_m[GMAX], head_l[GMAX];
 
@@ -274,7 +274,10 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
      * vectors it copied itself, and has consumed them before issuing, so the
      * ring needs no barrier, only this thread's wait_group. */
     issue(k + kStages - 1);
-    cp_async_wait<kStages - 1>();
+    if (PVLK_MUTANT(2))
+      cp_async_wait<kStages>();
+    else
+      cp_async_wait<kStages - 1>();
     const uint4 *ks =
         reinterpret_cast<const uint4 *>(region + (k % kStages) * kTileBytes) +
         lane;
@@ -300,7 +303,8 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
     float mt = neg_inf();
 #pragma unroll
     for (int j = 0; j < MP; ++j) {
-      if ((i_own + j) * RPW + r >= valid) s[j] = neg_inf();
+      if ((i_own + j) * RPW + r >= valid + (int)PVLK_MUTANT(1))
+        s[j] = neg_inf();
       mt = fmaxf(mt, s[j]);
     }
 #pragma unroll
@@ -365,7 +369,8 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
 
   /* ---- merge the kWarps * RPW partial states of the CTA ---- */
   cp_async_wait<0>();
-  __syncwarp(); /* the ring is reused below; all lanes are done reading it */
+  /* the ring is reused below; all lanes are done reading it */
+  if (!PVLK_MUTANT(4)) __syncwarp();
 #pragma unroll
   for (int o = DUP; o < DUP * LPH; o *= 2)
     l_run += __shfl_xor_sync(kFullMask, l_run, o);
@@ -385,7 +390,7 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
       ml[r * GMAX + g_own] = l_run;
     }
   }
-  __syncthreads();
+  if (!PVLK_MUTANT(3)) __syncthreads();
 
   if (threadIdx.x < GMAX) {
     const int g = threadIdx.x;
@@ -485,7 +490,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const Params p) {
 
     const float *acc = p.ws_acc + slot0 * HD + lane * EPL;
 #pragma unroll 4
-    for (int s = 0; s < eff; ++s) {
+    for (int s = 0; s < eff - (int)PVLK_MUTANT(7); ++s) {
       const float ws = __shfl_sync(kFullMask, w, s);
       const float *src = acc + (int64_t)s * HD;
       if constexpr (EPL == 2) {

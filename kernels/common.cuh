@@ -5,9 +5,14 @@
 #ifndef PVL_KERNELS_COMMON_CUH
 #define PVL_KERNELS_COMMON_CUH
 
+#ifdef PVL_EMU
+/* The host emulator of tests/emu: the same source, run on the CPU. */
+#include "cuda_emu.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 #include <stdint.h>
 #include <string.h>
 
@@ -111,18 +116,30 @@ __device__ __forceinline__ uint32_t smem_addr(const void *p) {
  * is false nothing is read and the destination is zero-filled. */
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void *src,
                                            bool ok) {
+#ifdef PVL_EMU
+  pvl_emu::cp_async(dst, src, 16, ok ? 16 : 0);
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst),
                "l"(src), "r"(ok ? 16 : 0)
                : "memory");
+#endif
 }
 
 __device__ __forceinline__ void cp_async_commit() {
+#ifdef PVL_EMU
+  pvl_emu::cp_async_commit();
+#else
   asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
 }
 
 /* Waits until at most N of this thread's commit groups are still in flight. */
 template <int N> __device__ __forceinline__ void cp_async_wait() {
+#ifdef PVL_EMU
+  pvl_emu::cp_async_wait(N);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 
 /* ---- host helpers ------------------------------------------------------ */
@@ -220,6 +237,30 @@ inline pvl_status cuda_status(cudaError_t e) {
 }
 
 } // namespace pvlk
+
+/* ---- launches and test hooks ----------------------------------------------
+ * PVLK_LAUNCH((kernel), grid, block, smem, stream, args...) is
+ * kernel<<<grid, block, smem, stream>>>(args...); the kernel is in
+ * parentheses because its template arguments contain commas. The emulator
+ * of tests/emu runs it on the CPU instead. PVLK_DYNAMIC_SMEM declares the kernel's
+ * dynamic shared memory (extern __shared__, which host C++ cannot spell).
+ * PVLK_MUTANT(n) is false except in the emulator's deliberately broken
+ * variant n, which must make the emulated suite fail. */
+#define PVLK_UNPAREN(...) __VA_ARGS__
+#ifdef PVL_EMU
+#define PVLK_LAUNCH(kernel, grid, block, smem, stream, ...)                    \
+  pvl_emu::launcher(#kernel, grid, block, smem, stream,                        \
+                    PVLK_UNPAREN kernel)(__VA_ARGS__)
+#define PVLK_DYNAMIC_SMEM(name)                                                \
+  unsigned char *const name = pvl_emu::dynamic_smem()
+#define PVLK_MUTANT(n) (pvl_emu::mutant() == (n))
+#else
+#define PVLK_LAUNCH(kernel, grid, block, smem, stream, ...)                    \
+  PVLK_UNPAREN kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define PVLK_DYNAMIC_SMEM(name)                                                \
+  extern __shared__ __align__(16) unsigned char name[]
+#define PVLK_MUTANT(n) false
+#endif
 
 /* ---- dispatch --------------------------------------------------------------
  * Each macro binds a compile-time name to a runtime value and runs the body

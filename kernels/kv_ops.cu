@@ -161,8 +161,8 @@ __global__ void __launch_bounds__(kThreads)
   const uint64_t per_unit = heads * vecs_per_row;
   const uint64_t total = n_units * per_unit;
   const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
-  for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-       i += stride) {
+  for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+       i + PVLK_MUTANT(6) < total; i += stride) {
     uint64_t t, rem, h, col;
     divmod(i, per_unit, t, rem);
     divmod(rem, vecs_per_row, h, col);
@@ -186,8 +186,8 @@ pvl_status launch_rows(const Op &op, uint64_t n_units, const PoolBytes &pb,
   if (heads * vpr > ((uint64_t)1 << 29)) return PVL_ERR_INVALID_ARGUMENT;
   const unsigned grid = grid_for(n_units * heads * vpr);
   PVLK_DISPATCH_VEC(w, VT,
-                    copy_rows_kernel<VT, Op>
-                    <<<grid, kThreads, 0, stream>>>(op, n_units, heads, vpr));
+                    PVLK_LAUNCH((copy_rows_kernel<VT, Op>), grid, kThreads, 0,
+                                stream, op, n_units, heads, vpr));
   return pvlk::launch_status();
 }
 
@@ -236,9 +236,8 @@ pvl_status pvlk_plan_scatter(int32_t *plan_buf, const int32_t *pairs,
                              uint32_t n, void *stream) {
   if (n == 0) return PVL_SUCCESS;
   if (plan_buf == nullptr || pairs == nullptr) return PVL_ERR_INVALID_ARGUMENT;
-  plan_scatter_kernel<<<grid_for(n), kThreads, 0,
-                        static_cast<cudaStream_t>(stream)>>>(plan_buf, pairs,
-                                                             n);
+  PVLK_LAUNCH((plan_scatter_kernel), grid_for(n), kThreads, 0,
+              static_cast<cudaStream_t>(stream), plan_buf, pairs, n);
   return pvlk::launch_status();
 }
 
@@ -322,8 +321,8 @@ pvl_status pvlk_copy_blocks(void *storage, const pvl_kv_geom *g,
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const unsigned grid = grid_for((uint64_t)n * vpb);
   PVLK_DISPATCH_VEC(w, VT,
-                    copy_blocks_kernel<VT><<<grid, kThreads, 0, s>>>(
-                        base, pb.block, src, dst, (uint64_t)n, vpb));
+                    PVLK_LAUNCH((copy_blocks_kernel<VT>), grid, kThreads, 0, s,
+                                base, pb.block, src, dst, (uint64_t)n, vpb));
   return pvlk::launch_status();
 }
 

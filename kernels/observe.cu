@@ -79,6 +79,9 @@ struct Params {
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4],
                                          uint32_t b0, uint32_t b1) {
+#ifdef PVL_EMU
+  pvl_emu::mma_f16(c, a, b0, b1, !std::is_same<T, __half>::value);
+#else
   if constexpr (std::is_same<T, __half>::value) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
         "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -90,21 +93,35 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4],
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+#endif
 }
 
 /* Four 8x8 b16 matrices; lane i addresses row i % 8 of matrix i / 8. */
 __device__ __forceinline__ void
 ldsm_x4(uint32_t addr, uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3) {
+#ifdef PVL_EMU
+  uint32_t r[4];
+  pvl_emu::ldmatrix_x4(addr, r);
+  r0 = r[0];
+  r1 = r[1];
+  r2 = r[2];
+  r3 = r[3];
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                : "r"(addr));
+#endif
 }
 
 /* 4 bytes global -> shared (key positions ride the same commit groups as
  * their keys, so no thread stalls on a plain load). */
 __device__ __forceinline__ void cp_async4(uint32_t dst, const void *src) {
+#ifdef PVL_EMU
+  pvl_emu::cp_async(dst, src, 4, 4);
+#else
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src)
                : "memory");
+#endif
 }
 
 __device__ __forceinline__ uint32_t lds32(const void *p) {
@@ -324,7 +341,8 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const Params p) {
         m[r] = mn;
       }
     }
-    __syncthreads(); /* stage st is refilled next iteration */
+    /* stage st is refilled next iteration */
+    if (!PVLK_MUTANT(5)) __syncthreads();
   }
 
   /* The 4 lanes of a quad hold disjoint columns of the same two M-rows. */
@@ -602,17 +620,19 @@ pvl_status launch(Params p, int sms, cudaStream_t stream) {
   }
   p.chunks = (int)chunks;
 
-  stats_kernel<T, HD><<<dim3(row_tiles, (unsigned)hkv, (unsigned)splits),
-                        kThreads, 0, stream>>>(p);
+  PVLK_LAUNCH((stats_kernel<T, HD>),
+              dim3(row_tiles, (unsigned)hkv, (unsigned)splits), kThreads, 0,
+              stream, p);
   pvl_status st = pvlk::launch_status();
   if (st != PVL_SUCCESS) return st;
   if (splits > 1) {
-    combine_kernel<<<ceil_div(p.entries, 256), 256, 0, stream>>>(p);
+    PVLK_LAUNCH((combine_kernel), ceil_div(p.entries, 256), 256, 0, stream, p);
     st = pvlk::launch_status();
     if (st != PVL_SUCCESS) return st;
   }
-  scores_kernel<T, HD><<<dim3(key_tiles2, (unsigned)hkv, (unsigned)chunks),
-                         kThreads, 0, stream>>>(p);
+  PVLK_LAUNCH((scores_kernel<T, HD>),
+              dim3(key_tiles2, (unsigned)hkv, (unsigned)chunks), kThreads, 0,
+              stream, p);
   return pvlk::launch_status();
 }
 
