@@ -288,7 +288,9 @@ typedef struct pvl_comm pvl_comm;
 
 /* NCCL's ncclGetUniqueId into id[0..PVL_COMM_ID_BYTES): make it on one
  * rank and send it to the others (MPI, a file, a socket). UNSUPPORTED when
- * the library was built without NCCL. */
+ * the library was built without NCCL, or libnccl.so.2 cannot be loaded
+ * (the library loads NCCL at run time, on first use, so it also runs
+ * where NCCL is not installed); so are the other NCCL functions. */
 PVL_API pvl_status pvl_comm_unique_id(void *id);
 
 /* Creates rank `rank` of `nranks` over NCCL (ncclCommInitRank) on CUDA

@@ -10,18 +10,89 @@
  * ncclCommGetAsyncError, so a peer that failed or vanished becomes
  * PVL_ERR_NCCL instead of a silent hang where NCCL can detect it. Every
  * entry point makes the communicator's device current and restores the
- * caller's. */
+ * caller's.
+ *
+ * NCCL is loaded at run time (dlopen of libnccl.so.2, on first use), not
+ * linked: libpagedvl.so then loads, and runs its CPU backend and
+ * in-process communicator, on machines without NCCL, as it does without a
+ * CUDA driver; the NCCL entry points answer UNSUPPORTED there. */
 #include <cuda_runtime_api.h>
 /* nccl.h declares a few functions as f() rather than f(void). */
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wstrict-prototypes"
 #include <nccl.h>
 #pragma GCC diagnostic pop
+#include <dlfcn.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "internal.h"
+
+/* ---- NCCL, loaded on first use ---- */
+
+typedef struct nccl_api {
+  ncclResult_t (*GetUniqueId)(ncclUniqueId *);
+  ncclResult_t (*CommInitRank)(ncclComm_t *, int, ncclUniqueId, int);
+  ncclResult_t (*CommDestroy)(ncclComm_t);
+  ncclResult_t (*CommCount)(const ncclComm_t, int *);
+  ncclResult_t (*CommUserRank)(const ncclComm_t, int *);
+  ncclResult_t (*CommCuDevice)(const ncclComm_t, int *);
+  ncclResult_t (*CommGetAsyncError)(ncclComm_t, ncclResult_t *);
+  ncclResult_t (*AllGather)(const void *, void *, size_t, ncclDataType_t,
+                            ncclComm_t, cudaStream_t);
+  const char *(*GetErrorString)(ncclResult_t);
+  const char *(*GetLastError)(ncclComm_t); /* NCCL >= 2.13; may be NULL */
+} nccl_api;
+
+static nccl_api g_api;
+static bool g_api_ok;
+static char g_api_err[256];
+static pthread_once_t g_api_once = PTHREAD_ONCE_INIT;
+
+/* dlsym's object pointer into a function pointer: through memcpy, which
+ * ISO C allows (a cast does not). */
+static bool sym(void *lib, const char *name, void *fnptr, bool required) {
+  void *p = dlsym(lib, name);
+  if (!p && required) {
+    snprintf(g_api_err, sizeof(g_api_err), "%s has no %s", "libnccl.so.2",
+             name);
+    return false;
+  }
+  memcpy(fnptr, &p, sizeof(p));
+  return true;
+}
+
+static void api_load(void) {
+  void *lib = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
+  if (!lib) {
+    const char *e = dlerror();
+    snprintf(g_api_err, sizeof(g_api_err), "NCCL could not be loaded: %s",
+             e ? e : "dlopen(libnccl.so.2) failed");
+    return;
+  }
+  g_api_ok =
+      sym(lib, "ncclGetUniqueId", &g_api.GetUniqueId, true) &&
+      sym(lib, "ncclCommInitRank", &g_api.CommInitRank, true) &&
+      sym(lib, "ncclCommDestroy", &g_api.CommDestroy, true) &&
+      sym(lib, "ncclCommCount", &g_api.CommCount, true) &&
+      sym(lib, "ncclCommUserRank", &g_api.CommUserRank, true) &&
+      sym(lib, "ncclCommCuDevice", &g_api.CommCuDevice, true) &&
+      sym(lib, "ncclCommGetAsyncError", &g_api.CommGetAsyncError, true) &&
+      sym(lib, "ncclAllGather", &g_api.AllGather, true) &&
+      sym(lib, "ncclGetErrorString", &g_api.GetErrorString, true) &&
+      sym(lib, "ncclGetLastError", &g_api.GetLastError, false);
+  /* The library stays loaded for the life of the process: communicators
+   * may outlive any one caller. */
+}
+
+/* UNSUPPORTED (with the reason) when NCCL cannot be loaded. */
+static pvl_status api(const char *fn) {
+  pthread_once(&g_api_once, api_load);
+  if (g_api_ok) return PVL_SUCCESS;
+  return pvl__fail(NULL, PVL_ERR_UNSUPPORTED, fn, "%s", g_api_err);
+}
 
 _Static_assert(sizeof(ncclUniqueId) == PVL_COMM_ID_BYTES,
                "PVL_COMM_ID_BYTES must be NCCL_UNIQUE_ID_BYTES");
@@ -61,8 +132,9 @@ static pvl_status cuda_err(cudaError_t e, const char *what, char *msg,
 
 static pvl_status nccl_err(ncclComm_t comm, ncclResult_t r, const char *what,
                            char *msg, size_t len) {
-  const char *last = comm ? ncclGetLastError(comm) : NULL;
-  snprintf(msg, len, "%s: %s%s%s", what, ncclGetErrorString(r),
+  const char *last =
+      comm ? (g_api.GetLastError ? g_api.GetLastError(comm) : NULL) : NULL;
+  snprintf(msg, len, "%s: %s%s%s", what, g_api.GetErrorString(r),
            last && last[0] ? ": " : "", last ? last : "");
   return PVL_ERR_NCCL;
 }
@@ -107,7 +179,7 @@ static pvl_status wait_stream(nccl_impl *n, char *msg, size_t len) {
     if (e != cudaErrorNotReady)
       return cuda_err(e, "communicator stream", msg, len);
     ncclResult_t ae = ncclSuccess;
-    ncclResult_t r = ncclCommGetAsyncError(n->comm, &ae);
+    ncclResult_t r = g_api.CommGetAsyncError(n->comm, &ae);
     if (r != ncclSuccess)
       return nccl_err(n->comm, r, "ncclCommGetAsyncError", msg, len);
     if (ae != ncclSuccess && ae != ncclInProgress)
@@ -135,7 +207,7 @@ static pvl_status nccl_allgather(pvl_comm *m, const void *in, void *out,
   }
   if (st == PVL_SUCCESS) {
     ncclResult_t r =
-        ncclAllGather(send, recv, bytes, ncclChar, n->comm, n->stream);
+        g_api.AllGather(send, recv, bytes, ncclChar, n->comm, n->stream);
     if (r != ncclSuccess) st = nccl_err(n->comm, r, "ncclAllGather", msg, len);
   }
   if (st == PVL_SUCCESS) {
@@ -154,7 +226,7 @@ static void nccl_destroy(pvl_comm *m) {
   const bool entered = enter(m->device, &prev) == cudaSuccess;
   if (n->stream) cudaStreamDestroy(n->stream);
   if (n->dbuf) cudaFree(n->dbuf);
-  if (n->owned) ncclCommDestroy(n->comm);
+  if (n->owned) g_api.CommDestroy(n->comm);
   if (entered) leave(m->device, prev);
   pvl__free(pvl__default_allocator(), n, sizeof(*n));
 }
@@ -173,8 +245,8 @@ static pvl_status wrap(ncclComm_t comm, bool owned, int32_t device,
                        pvl_comm **out, const char *fn) {
   char msg[PVL_ERRMSG_LEN];
   int rank = 0, count = 0;
-  ncclResult_t r = ncclCommUserRank(comm, &rank);
-  if (r == ncclSuccess) r = ncclCommCount(comm, &count);
+  ncclResult_t r = g_api.CommUserRank(comm, &rank);
+  if (r == ncclSuccess) r = g_api.CommCount(comm, &count);
   if (r != ncclSuccess) {
     pvl_status st = nccl_err(comm, r, "ncclCommUserRank", msg, sizeof(msg));
     return pvl__fail(NULL, st, fn, "%s", msg);
@@ -212,9 +284,11 @@ static pvl_status wrap(ncclComm_t comm, bool owned, int32_t device,
 }
 
 pvl_status pvl_comm_unique_id(void *id) {
+  pvl_status sa = api(__func__);
+  if (sa != PVL_SUCCESS) return sa;
   if (!id) return PVL_FAIL(NULL, PVL_ERR_INVALID_ARGUMENT, "id is NULL");
   ncclUniqueId uid;
-  ncclResult_t r = ncclGetUniqueId(&uid);
+  ncclResult_t r = g_api.GetUniqueId(&uid);
   if (r != ncclSuccess) {
     char msg[PVL_ERRMSG_LEN];
     pvl_status st = nccl_err(NULL, r, "ncclGetUniqueId", msg, sizeof(msg));
@@ -227,6 +301,8 @@ pvl_status pvl_comm_unique_id(void *id) {
 pvl_status pvl_comm_create_nccl(const void *unique_id, int32_t rank,
                                 int32_t nranks, int32_t device,
                                 pvl_comm **out) {
+  pvl_status sa = api(__func__);
+  if (sa != PVL_SUCCESS) return sa;
   if (!unique_id || !out)
     return PVL_FAIL(NULL, PVL_ERR_INVALID_ARGUMENT, "unique_id or out is NULL");
   if (nranks < 1 || rank < 0 || rank >= nranks)
@@ -251,7 +327,7 @@ pvl_status pvl_comm_create_nccl(const void *unique_id, int32_t rank,
   ncclUniqueId uid;
   memcpy(&uid, unique_id, sizeof(uid));
   ncclComm_t comm = NULL;
-  ncclResult_t r = ncclCommInitRank(&comm, nranks, uid, rank);
+  ncclResult_t r = g_api.CommInitRank(&comm, nranks, uid, rank);
   pvl_status st = PVL_SUCCESS;
   if (r != ncclSuccess) {
     st = nccl_err(comm, r, "ncclCommInitRank", msg, sizeof(msg));
@@ -259,7 +335,7 @@ pvl_status pvl_comm_create_nccl(const void *unique_id, int32_t rank,
   }
   if (st == PVL_SUCCESS) {
     st = wrap(comm, true, device, out, __func__);
-    if (st != PVL_SUCCESS) ncclCommDestroy(comm);
+    if (st != PVL_SUCCESS) g_api.CommDestroy(comm);
   }
   leave(device, prev);
   return st;
@@ -267,12 +343,14 @@ pvl_status pvl_comm_create_nccl(const void *unique_id, int32_t rank,
 
 pvl_status pvl_comm_adopt_nccl(void *nccl_comm, int32_t device,
                                pvl_comm **out) {
+  pvl_status sa = api(__func__);
+  if (sa != PVL_SUCCESS) return sa;
   if (!nccl_comm || !out)
     return PVL_FAIL(NULL, PVL_ERR_INVALID_ARGUMENT, "nccl_comm or out is NULL");
   ncclComm_t comm = (ncclComm_t)nccl_comm;
   char msg[PVL_ERRMSG_LEN];
   int dev = -1;
-  ncclResult_t r = ncclCommCuDevice(comm, &dev);
+  ncclResult_t r = g_api.CommCuDevice(comm, &dev);
   if (r != ncclSuccess) {
     pvl_status st = nccl_err(comm, r, "ncclCommCuDevice", msg, sizeof(msg));
     return PVL_FAIL(NULL, st, "%s", msg);
