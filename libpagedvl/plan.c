@@ -402,7 +402,6 @@ static inline int32_t row_base(const pvl_seq *s, uint32_t l) {
 /* What phase A of a build found. */
 typedef struct build_counts {
   uint64_t entries;  /* pairs, with every row that needs room relocated */
-  uint64_t repack;   /* pairs of a repack of the batch */
   uint64_t counters; /* n_appended pairs */
   uint32_t n_moves;  /* rows that need room */
   uint32_t n_near;   /* rows that may move early */
@@ -421,11 +420,10 @@ static inline uint64_t stay_pairs(const pvl_plan_row *r, const pvl_seq *s,
  * changing anything. */
 static void plan_classify(pvl_plan *p, uint32_t n, build_counts *bc) {
   const uint32_t L = p->cache->cfg.num_layers;
-  uint64_t count = 0, all = 0;
+  uint64_t count = 0;
   uint32_t moves = 0, near = 0;
   for (uint32_t b = 0; b < n; b++) {
     const pvl_seq *s = p->seqs[b];
-    for (uint32_t l = 0; l < L; l++) all += s->tables[l].n_blocks + 2;
     p->skip[b] = !p->stale && p->row_seq[b] == s->id &&
                  p->row_version[b] == s->version;
     if (p->skip[b]) continue;
@@ -451,7 +449,6 @@ static void plan_classify(pvl_plan *p, uint32_t n, build_counts *bc) {
     }
   }
   bc->entries = count;
-  bc->repack = all;
   bc->n_moves = moves;
   bc->n_near = near;
 }
@@ -562,9 +559,16 @@ static void row_write(pvl_plan *p, uint64_t *k, uint32_t b, uint32_t l,
   const pvl_seq *s = p->seqs[b];
   const pvl_table *t = &s->tables[l];
   pvl_plan_row *r = &p->rows[(size_t)b * p->cache->cfg.num_layers + l];
-  const int64_t ids = pvl_plan_block_ids_index(&p->view, (int32_t)l);
-  for (uint32_t j = from; j < t->n_blocks; j++)
-    put(p, k, ids + r->offset + j, t->blocks[j]);
+  /* The ids: a plain loop over local pointers (a moved row sends a few
+   * hundred of them). */
+  const int64_t at = pvl_plan_block_ids_index(&p->view, (int32_t)l) + r->offset;
+  int32_t *out = p->pairs + 2 * *k;
+  const int32_t *blocks = t->blocks;
+  for (uint32_t j = from; j < t->n_blocks; j++) {
+    out[2 * (j - from)] = (int32_t)(at + j);
+    out[2 * (j - from) + 1] = blocks[j];
+  }
+  *k += t->n_blocks - from;
   if (whole)
     put(p, k, pvl_plan_row_offset_index(&p->view, (int32_t)l, (int32_t)b),
         r->offset);
@@ -732,22 +736,23 @@ pvl_status pvl_plan_build(pvl_plan *p, const pvl_seq_id *seqs, uint32_t n,
   bool repack = false;
   if (!plan_find_room(p, n, &bc)) {
     /* Too fragmented for some row (undone): lay the batch out again. */
-    if (layout_size(p, n, false) > p->block_cap) {
+    const uint64_t tight = layout_size(p, n, false);
+    if (tight > p->block_cap) {
       p->seqs = prev;
       return PVL_FAIL(c, PVL_ERR_CAPACITY,
                       "the batch holds more than the plan's %llu block "
                       "entries",
                       (unsigned long long)p->block_cap);
     }
+    /* Every row whole: its ids, offset and base. */
+    const uint64_t all = tight + 2 * (uint64_t)n * L + bc.counters;
     if (!reg_reserve(p, (uint64_t)n * L + 1 > p->regs_used
                             ? (uint64_t)n * L + 1 - p->regs_used
                             : 0) ||
-        !pairs_reserve(p, bc.repack + bc.counters)) {
+        !pairs_reserve(p, all)) {
       p->seqs = prev;
-      return PVL_FAIL(c, PVL_ERR_NO_MEMORY,
-                      "repacking the plan (%llu "
-                      "updates)",
-                      (unsigned long long)(bc.repack + bc.counters));
+      return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "repacking the plan (%llu pairs)",
+                      (unsigned long long)all);
     }
     repack = true;
   }
