@@ -468,8 +468,14 @@ int main(int argc, char **argv) {
   printf(
       "(a) decode step = pvl_seq_append + pvl_plan_build\n"
       "    %" PRIu64 " seqs x %" PRIu64 " layers, block %" PRIu64
-      ", context %u..%u, %" PRIu64 " timed steps after %" PRIu64 " warm-up\n",
-      o.seqs, o.layers, o.block_size, a.ctx_min, a.ctx_max, o.steps, o.warmup);
+      ", %" PRIu64 " timed steps after %" PRIu64 " warm-up\n"
+      "    context: prompts of --context %" PRIu64 " minus i %% %" PRIu64
+      " tokens (staggered, so\n"
+      "    sequences cross block boundaries on different steps); "
+      "%u..%u tokens over\n"
+      "    the timed steps (prompt + warm-up + timed steps)\n",
+      o.seqs, o.layers, o.block_size, o.steps, o.warmup, o.context,
+      o.block_size, a.ctx_min, a.ctx_max);
   printf("    pool %" PRIu64 " blocks, plan capacity %" PRIu64
          " block-id entries (pvl_plan_info.block_capacity)\n",
          a.num_blocks, a.plan_cap);
