@@ -178,8 +178,11 @@ PVL_API size_t pvl_dtype_size(pvl_dtype dtype);
 /* Whether caches of `backend` can be created on this machine: *out = 1 for
  * PVL_BACKEND_CPU and AUTO (always), and for PVL_BACKEND_CUDA when the
  * library was built with CUDA and device `device` exists with a usable
- * driver; else 0. Shapes are not checked: pvl_cache_create may still say
- * UNSUPPORTED (CUDA kernels take head_dim 64/128/256, block 16/32, f16/bf16).
+ * driver and compute capability 8.0 or newer (the kernels' minimum; on an
+ * older device pvl_cache_create says UNSUPPORTED with the capability found,
+ * and AUTO uses the CPU); else 0. Shapes are not checked: pvl_cache_create
+ * may still say UNSUPPORTED (CUDA kernels take head_dim 64/128/256, block
+ * 16/32, f16/bf16).
  * Does not change the current device. */
 PVL_API pvl_status pvl_backend_available(pvl_backend backend, int32_t device,
                                          int *out);
@@ -898,7 +901,11 @@ PVL_API pvl_status pvl_policy_rows(const pvl_policy *policy,
  * backend refuses a q holding Inf or NaN (INVALID_ARGUMENT naming the row
  * and head; nothing accumulated); Inf/NaN in the layer's K, a logit that
  * overflows float, or (CUDA) a non-finite q leave non-finite per-key sums,
- * which pvl_compress and pvl_decode_cap refuse (see the conventions). */
+ * which pvl_compress and pvl_decode_cap refuse (see the conventions).
+ * CUDA: the call queues its work on `stream` and returns without waiting
+ * for the device; the sums stay there until pvl_compress (all layers, one
+ * wait), pvl_decode_cap or pvl_seq_observation reads them, so a whole
+ * prefill can be queued without a round trip per layer. */
 PVL_API pvl_status pvl_observe(pvl_cache *cache, pvl_seq_id seq,
                                uint32_t layer, const void *q,
                                uint32_t first_pos, uint32_t n_rows,

@@ -42,8 +42,8 @@ pvl_status launch(const Params &p, unsigned grid, cudaStream_t stream) {
   constexpr int smem = Shape<HD, GMAX>::kSmem;
   auto kernel = decode_kernel<T, HD, GMAX>;
   if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    static std::atomic<uint64_t> smem_set{0}; /* one per instantiation */
+    const cudaError_t e = pvlk::set_max_smem_once(kernel, smem, smem_set);
     if (e != cudaSuccess) return pvlk::cuda_status(e);
   }
   PVLK_LAUNCH((kernel), grid, kThreads, smem, stream, p);

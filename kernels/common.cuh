@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <atomic>
+
 #include "pvl_kernels.h"
 
 namespace pvlk {
@@ -200,8 +202,15 @@ inline int vec_bytes_for(uint64_t bits) {
  * into the next, unrelated CUDA call. Errors that poison the context
  * (illegal address, ...) cannot be reset; every later launch reports them
  * again, which is what the caller needs to see. */
+/* Launchers return a pvl_status and clear that slot, so the error itself is
+ * kept per thread for the host library to name (pvlk_last_cuda_error). */
+inline thread_local int last_cuda_error = 0;
+
 inline pvl_status launch_status() {
-  return cudaGetLastError() == cudaSuccess ? PVL_SUCCESS : PVL_ERR_CUDA;
+  const cudaError_t e = cudaGetLastError();
+  if (e == cudaSuccess) return PVL_SUCCESS;
+  last_cuda_error = (int)e;
+  return PVL_ERR_CUDA;
 }
 
 /* check_geom plus the shapes the attention and observe kernels are built
@@ -221,9 +230,11 @@ inline pvl_status check_kernel_shape(const pvl_kv_geom *g, PoolBytes *out) {
  * launch heuristics then assume a large GPU). */
 inline int sm_count() {
   int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) !=
-          cudaSuccess) {
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess)
+    e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (e != cudaSuccess) {
+    last_cuda_error = (int)e;
     (void)cudaGetLastError();
     return 0;
   }
@@ -232,8 +243,30 @@ inline int sm_count() {
 
 inline pvl_status cuda_status(cudaError_t e) {
   if (e == cudaSuccess) return PVL_SUCCESS;
+  last_cuda_error = (int)e;
   (void)cudaGetLastError();
   return PVL_ERR_CUDA;
+}
+
+/* Raises a kernel's dynamic shared-memory limit once per device, not on
+ * every launch: the attribute belongs to the (kernel, device) pair and
+ * stays set, while setting it is a driver call on the launch path. `done`
+ * is the caller's mask of devices already set, one per kernel (a static of
+ * the launching template); devices past 63 are set on every launch. */
+template <typename F>
+inline cudaError_t set_max_smem_once(F *kernel, int smem,
+                                     std::atomic<uint64_t> &done) {
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  const uint64_t bit = dev >= 0 && dev < 64 ? (uint64_t)1 << dev : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0)
+    return cudaSuccess;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           smem);
+  if (e == cudaSuccess && bit != 0)
+    done.fetch_or(bit, std::memory_order_release);
+  return e;
 }
 
 } // namespace pvlk

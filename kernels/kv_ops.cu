@@ -340,3 +340,12 @@ pvl_status pvlk_gather_slots(void *storage, const pvl_kv_geom *g,
   return launch_rows(op, n, pb, (uint64_t)g->num_kv_heads, addr(storage),
                      static_cast<cudaStream_t>(stream));
 }
+
+/* The per-thread record of common.cuh lives in every kernel translation
+ * unit (an inline variable); the C accessor needs one home, and this file
+ * is always built. */
+int pvlk_last_cuda_error(void) {
+  const int e = pvlk::last_cuda_error;
+  pvlk::last_cuda_error = 0;
+  return e;
+}

@@ -737,3 +737,53 @@ pvl_status pvlk_observe(const void *storage, const pvl_kv_geom *g,
       PVLK_DISPATCH_HEAD_DIM(g->head_dim, HD, st = launch<T, HD>(p, sms, s)));
   return st;
 }
+
+/* ---- accumulation of one observation into running sums ---- */
+
+namespace {
+
+/* acc_raw[j] += raw[j] in double, as the host did before the sums stayed
+ * on the device: the same additions in the same order per key, so the
+ * result does not depend on where it was summed. */
+__global__ void accumulate_kernel(const float *raw, const uint32_t *seen,
+                                  const unsigned long long *below,
+                                  const unsigned long long *total,
+                                  uint32_t n_keys, int32_t hq, double *acc_raw,
+                                  uint32_t *acc_seen,
+                                  unsigned long long *acc_below,
+                                  unsigned long long *acc_total) {
+  const uint32_t stride = gridDim.x * blockDim.x;
+  for (uint32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < n_keys;
+       j += stride) {
+    acc_raw[j] += (double)raw[j];
+    acc_seen[j] += seen[j];
+  }
+  for (uint32_t h = blockIdx.x * blockDim.x + threadIdx.x; h < (uint32_t)hq;
+       h += stride) {
+    acc_below[h] += below[h];
+    acc_total[h] += total[h];
+  }
+}
+
+} // namespace
+
+pvl_status pvlk_observe_accumulate(
+    const float *raw, const uint32_t *seen, const unsigned long long *below,
+    const unsigned long long *total, uint32_t n_keys, int32_t num_q_heads,
+    double *acc_raw, uint32_t *acc_seen, unsigned long long *acc_below,
+    unsigned long long *acc_total, void *stream) {
+  if (num_q_heads < 1 || below == nullptr || total == nullptr ||
+      acc_below == nullptr || acc_total == nullptr)
+    return PVL_ERR_INVALID_ARGUMENT;
+  if (n_keys > 0 && (raw == nullptr || seen == nullptr || acc_raw == nullptr ||
+                     acc_seen == nullptr))
+    return PVL_ERR_INVALID_ARGUMENT;
+  const uint32_t n =
+      n_keys > (uint32_t)num_q_heads ? n_keys : (uint32_t)num_q_heads;
+  const uint32_t want = (n + 255) / 256;
+  const unsigned grid = want < 1024 ? want : 1024;
+  PVLK_LAUNCH((accumulate_kernel), grid, 256, 0,
+              static_cast<cudaStream_t>(stream), raw, seen, below, total,
+              n_keys, num_q_heads, acc_raw, acc_seen, acc_below, acc_total);
+  return pvlk::launch_status();
+}

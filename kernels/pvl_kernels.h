@@ -159,6 +159,18 @@ pvl_status pvlk_observe(const void *storage, const pvl_kv_geom *g,
                         void *workspace, size_t workspace_bytes,
                         void *stream);
 
+/* Adds one pvlk_observe result (raw, seen [n_keys], below, total
+ * [num_q_heads], device arrays) into running sums on the device: acc_raw in
+ * double, the counts as integers. Lets an observation of several calls stay
+ * on the device until the host needs it. */
+pvl_status pvlk_observe_accumulate(const float *raw, const uint32_t *seen,
+                                   const unsigned long long *below,
+                                   const unsigned long long *total,
+                                   uint32_t n_keys, int32_t num_q_heads,
+                                   double *acc_raw, uint32_t *acc_seen,
+                                   unsigned long long *acc_below,
+                                   unsigned long long *acc_total, void *stream);
+
 /* Workspace bytes pvlk_select_top needs for `total` candidates in n_seg
  * segments (CUB's temporary storage plus key/value copies). */
 size_t pvlk_select_workspace_bytes(uint32_t total, uint32_t n_seg);
@@ -174,6 +186,12 @@ pvl_status pvlk_select_top(const float *scores, const int32_t *seg_off,
                            uint32_t n_seg, uint32_t total, int32_t *keep,
                            void *workspace, size_t workspace_bytes,
                            void *stream);
+
+/* The cudaError_t (as an int) behind this thread's most recent
+ * PVL_ERR_CUDA from a launcher, 0 if none; reading clears it. Launchers
+ * clear the runtime's own error slot (so a failed launch does not leak into
+ * the next call), so this is where the caller finds which error it was. */
+int pvlk_last_cuda_error(void);
 
 #ifdef __cplusplus
 }

@@ -9,14 +9,29 @@
 
 #include "internal.h"
 
+/* The running sums of one observation, on the device (pvl_obs.dev):
+ *   raw double [n_keys] | seen uint32 [n_keys] | below, total uint64 [hq]
+ * each part 256-byte aligned. pvl_observe adds into them on the stream and
+ * returns; the host copy is fetched when a call reads it. Released buffers
+ * go on the cache's free list, not to cudaFree (which waits for the whole
+ * device), and are reused by later observations of the same size class. */
+typedef struct obs_dev {
+  void *mem;
+  size_t bytes;         /* size class: a power of two */
+  uint32_t n_keys;      /* layout of the current owner */
+  cudaEvent_t done;     /* recorded after the last accumulation into mem */
+  struct obs_dev *next; /* free list */
+} obs_dev;
+
 typedef struct cuda_state {
   int device;
   void *scratch;       /* device scratch for index lists (grown) */
   size_t scratch_bytes;
   void *obs_ws;        /* device buffers of pvl_observe (grown) */
   size_t obs_ws_bytes;
-  void *host_tmp;      /* host staging for observation results (grown) */
-  size_t host_tmp_bytes;
+  void *pinned; /* pinned host staging of observation fetches */
+  size_t pinned_bytes;
+  obs_dev *obs_free; /* released observation buffers */
 } cuda_state;
 
 typedef struct cuda_plan {
@@ -37,6 +52,19 @@ static pvl_status cuda_fail(const pvl_cache *c, cudaError_t e, const char *fn,
                       : PVL_ERR_CUDA;
   return pvl__fail(c, st, fn, "%s: %s (%s)", what, cudaGetErrorName(e),
                    cudaGetErrorString(e));
+}
+
+/* A launcher's failure, named: for PVL_ERR_CUDA the CUDA error the launcher
+ * met (it clears the runtime's error slot, so only its own record has it);
+ * other statuses come from the launcher's argument checks. */
+static pvl_status launch_fail(const pvl_cache *c, pvl_status st, const char *fn,
+                              const char *what) {
+  const int e = st == PVL_ERR_CUDA ? pvlk_last_cuda_error() : 0;
+  if (e != 0)
+    return pvl__fail(c, st, fn, "%s: %s (%s)", what,
+                     cudaGetErrorName((cudaError_t)e),
+                     cudaGetErrorString((cudaError_t)e));
+  return pvl__fail(c, st, fn, "%s: %s", what, pvl_status_string(st));
 }
 
 #define CUDA_TRY(c, call, what)                                             \
@@ -113,6 +141,21 @@ static pvl_status cuda_init(pvl_cache *c) {
     return PVL_FAIL(c, PVL_ERR_INVALID_ARGUMENT,
                     "device %d out of range (%d devices)", c->cfg.device, n);
   CUDA_TRY(c, cudaSetDevice(c->cfg.device), "cudaSetDevice");
+  /* Checked here, so an older GPU gets the reason at creation (and AUTO
+   * its CPU fallback), not a failed launch later. */
+  int major = 0, minor = 0;
+  CUDA_TRY(c,
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                                  c->cfg.device),
+           "compute capability");
+  CUDA_TRY(c,
+           cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor,
+                                  c->cfg.device),
+           "compute capability");
+  char why[160];
+  if (!pvl__cuda_arch_supported(major, minor, why, sizeof(why)))
+    return PVL_FAIL(c, PVL_ERR_UNSUPPORTED, "device %d: %s", c->cfg.device,
+                    why);
   if (c->cfg.num_blocks == 0) {
     size_t free_b = 0, total_b = 0;
     CUDA_TRY(c, cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
@@ -152,7 +195,18 @@ static int cuda_available(int32_t device) {
     (void)cudaGetLastError();
     return 0;
   }
-  return device >= 0 && device < n;
+  if (device < 0 || device >= n) return 0;
+  /* The same test as creation, so AUTO's promise holds: available means
+   * a cache can be made there (shapes aside). */
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                             device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor,
+                             device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return pvl__cuda_arch_supported(major, minor, NULL, 0);
 }
 
 static void cuda_fini(pvl_cache *c) {
@@ -162,7 +216,14 @@ static void cuda_fini(pvl_cache *c) {
   if (!s) return;
   if (s->scratch) cudaFree(s->scratch);
   if (s->obs_ws) cudaFree(s->obs_ws);
-  pvl__free(c->alloc, s->host_tmp, s->host_tmp_bytes);
+  if (s->pinned) cudaFreeHost(s->pinned);
+  /* Every observation was released before (sequences go first). */
+  for (obs_dev *d = s->obs_free, *next; d; d = next) {
+    next = d->next;
+    cudaFree(d->mem);
+    cudaEventDestroy(d->done);
+    pvl__free(c->alloc, d, sizeof(*d));
+  }
   pvl__free(c->alloc, s, sizeof(*s));
   c->be_state = NULL;
 }
@@ -191,7 +252,8 @@ static pvl_status cuda_copy_blocks(pvl_cache *c, const int32_t *src,
       upload_pair(c, src, b, dst, b, &d_src, &d_dst, stream, __func__);
   if (st != PVL_SUCCESS) return st;
   st = pvlk_copy_blocks(c->storage, &c->geom, d_src, d_dst, n, stream);
-  return st == PVL_SUCCESS ? st : PVL_FAIL(c, st, "pvlk_copy_blocks");
+  return st == PVL_SUCCESS ? st
+                           : launch_fail(c, st, __func__, "pvlk_copy_blocks");
 }
 
 static pvl_status cuda_gather(pvl_cache *c, const int64_t *src_slots,
@@ -205,7 +267,8 @@ static pvl_status cuda_gather(pvl_cache *c, const int64_t *src_slots,
                               &d_src, &d_dst, stream, __func__);
   if (st != PVL_SUCCESS) return st;
   st = pvlk_gather_slots(c->storage, &c->geom, d_src, d_dst, n, stream);
-  return st == PVL_SUCCESS ? st : PVL_FAIL(c, st, "pvlk_gather_slots");
+  return st == PVL_SUCCESS ? st
+                           : launch_fail(c, st, __func__, "pvlk_gather_slots");
 }
 
 /* Common part of the range copies: checks the tensors' alignment and
@@ -227,7 +290,9 @@ static pvl_status cuda_write_range(pvl_cache *c, const int32_t *blocks,
   if (st != PVL_SUCCESS) return st;
   st = pvlk_kv_write_range(c->storage, &c->geom, state(c)->scratch, first, n,
                            k, v, stream);
-  return st == PVL_SUCCESS ? st : PVL_FAIL(c, st, "pvlk_kv_write_range");
+  return st == PVL_SUCCESS
+             ? st
+             : launch_fail(c, st, __func__, "pvlk_kv_write_range");
 }
 
 static pvl_status cuda_read_range(const pvl_cache *cc, const int32_t *blocks,
@@ -239,7 +304,8 @@ static pvl_status cuda_read_range(const pvl_cache *cc, const int32_t *blocks,
   if (st != PVL_SUCCESS) return st;
   st = pvlk_kv_read_range(c->storage, &c->geom, state(c)->scratch, first, n,
                           k, v, stream);
-  return st == PVL_SUCCESS ? st : PVL_FAIL(c, st, "pvlk_kv_read_range");
+  return st == PVL_SUCCESS ? st
+                           : launch_fail(c, st, __func__, "pvlk_kv_read_range");
 }
 
 /* ---- plans ---- */
@@ -304,7 +370,8 @@ static pvl_status cuda_plan_upload(pvl_plan *p, const int32_t *pairs,
                            cudaMemcpyHostToDevice, (cudaStream_t)stream),
            "plan update copy");
   pvl_status st = pvlk_plan_scatter(cp->buf, cp->pairs, n, stream);
-  return st == PVL_SUCCESS ? st : PVL_FAIL(c, st, "pvlk_plan_scatter");
+  return st == PVL_SUCCESS ? st
+                           : launch_fail(c, st, __func__, "pvlk_plan_scatter");
 }
 
 static pvl_status cuda_plan_kv_write(pvl_plan *p, uint32_t layer,
@@ -315,7 +382,8 @@ static pvl_status cuda_plan_kv_write(pvl_plan *p, uint32_t layer,
   if (st != PVL_SUCCESS) return st;
   st = pvlk_plan_kv_write(c->storage, &c->geom, &p->view,
                                      (int32_t)layer, k, v, stream);
-  return st == PVL_SUCCESS ? st : PVL_FAIL(c, st, "pvlk_plan_kv_write");
+  return st == PVL_SUCCESS ? st
+                           : launch_fail(c, st, __func__, "pvlk_plan_kv_write");
 }
 
 static pvl_status cuda_attention(pvl_plan *p, uint32_t layer, const void *q,
@@ -328,10 +396,94 @@ static pvl_status cuda_attention(pvl_plan *p, uint32_t layer, const void *q,
       c->storage, &c->geom, &p->view, (int32_t)layer,
       (int32_t)c->cfg.num_q_heads, q, out, scale, cp->workspace,
       cp->workspace_bytes, stream);
-  return st == PVL_SUCCESS ? st : PVL_FAIL(c, st, "pvlk_attention_decode");
+  return st == PVL_SUCCESS
+             ? st
+             : launch_fail(c, st, __func__, "pvlk_attention_decode");
 }
 
-/* ---- observe: kernel on the device, accumulation on the host ---- */
+/* ---- observe: kernel and running sums on the device ----
+ *
+ * pvl_observe queues its work and returns: no copy back, no wait, so a
+ * serving stack can queue a whole prefill (every layer) without a round
+ * trip per layer. The sums stay in the observation's device buffer until
+ * a call reads them (obs_fetch: pvl_compress, pvl_decode_cap,
+ * pvl_seq_observation), which fetches every layer it needs in one wait. */
+
+/* Byte offsets of the parts of an observation buffer (see obs_dev). */
+typedef struct obs_layout {
+  size_t seen, below, total, bytes;
+} obs_layout;
+
+static obs_layout obs_layout_for(uint32_t n_keys, uint32_t hq) {
+  obs_layout l;
+  l.seen = align_up((size_t)n_keys * sizeof(double));
+  l.below = l.seen + align_up((size_t)n_keys * sizeof(uint32_t));
+  l.total = l.below + align_up((size_t)hq * sizeof(uint64_t));
+  l.bytes = l.total + align_up((size_t)hq * sizeof(uint64_t));
+  return l;
+}
+
+/* A zeroed buffer for the sums of n_keys keys, queued on `stream`: reused
+ * from the free list when one of the size class is there (after the work
+ * its last owner queued, wherever that was), else allocated. */
+static pvl_status obs_dev_get(pvl_cache *c, uint32_t n_keys, void *stream,
+                              obs_dev **out) {
+  cuda_state *s = state(c);
+  const size_t need = obs_layout_for(n_keys, c->cfg.num_q_heads).bytes;
+  size_t cls = 4096;
+  while (cls < need) cls *= 2;
+  cudaStream_t cs = (cudaStream_t)stream;
+  obs_dev *d = NULL;
+  for (obs_dev **pp = &s->obs_free; *pp; pp = &(*pp)->next)
+    if ((*pp)->bytes == cls) {
+      d = *pp;
+      *pp = d->next;
+      break;
+    }
+  if (d) {
+    cudaError_t e = cudaStreamWaitEvent(cs, d->done, 0);
+    if (e != cudaSuccess) {
+      d->next = s->obs_free;
+      s->obs_free = d;
+      return cuda_fail(c, e, __func__, "observation buffer reuse");
+    }
+  } else {
+    d = pvl__alloc(c->alloc, sizeof(*d));
+    if (!d) return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "observation buffer");
+    memset(d, 0, sizeof(*d));
+    d->bytes = cls;
+    cudaError_t e = cudaMalloc(&d->mem, cls);
+    if (e == cudaSuccess)
+      e = cudaEventCreateWithFlags(&d->done, cudaEventDisableTiming);
+    if (e != cudaSuccess) {
+      if (d->mem) cudaFree(d->mem);
+      pvl__free(c->alloc, d, sizeof(*d));
+      return cuda_fail(c, e, __func__, "observation buffer");
+    }
+  }
+  d->n_keys = n_keys;
+  d->next = NULL;
+  cudaError_t e = cudaMemsetAsync(d->mem, 0, need, cs);
+  if (e != cudaSuccess) {
+    d->next = s->obs_free;
+    s->obs_free = d;
+    return cuda_fail(c, e, __func__, "observation buffer");
+  }
+  *out = d;
+  return PVL_SUCCESS;
+}
+
+/* No CUDA call: the buffer waits on the free list, and its next owner
+ * waits for the `done` event before touching it. */
+static void cuda_obs_release(pvl_cache *c, pvl_obs *o) {
+  obs_dev *d = o->dev;
+  if (!d) return;
+  cuda_state *s = state(c);
+  d->next = s->obs_free;
+  s->obs_free = d;
+  o->dev = NULL;
+  o->stale = false;
+}
 
 static pvl_status cuda_observe(pvl_cache *c, const pvl_table *t,
                                const void *q, uint32_t first_pos,
@@ -341,7 +493,14 @@ static pvl_status cuda_observe(pvl_cache *c, const pvl_table *t,
   const uint32_t n_keys = t->n_tokens, hq = c->cfg.num_q_heads;
   pvl_status st0 = check_aligned(c, __func__, q, q);
   if (st0 != PVL_SUCCESS) return st0;
-  /* Device layout: ids | pos | raw | seen | below | total | kernel ws. */
+  /* The sums of an observation live on the device from its first call on:
+   * its host arrays are then only ever a fetched copy. */
+  if (obs->dev == NULL && obs->n_rows > 0)
+    return PVL_FAIL(c, PVL_ERR_BAD_STATE,
+                    "observation of %u rows has no device sums", obs->n_rows);
+  /* Device layout: ids | pos | raw | seen | below | total | kernel ws. The
+   * per-call results are scratch: the stream orders the next call's reuse
+   * after this call's accumulation. */
   const size_t b_ids = align_up((size_t)t->n_blocks * sizeof(int32_t));
   const size_t b_pos = t->pos ? align_up((size_t)n_keys * sizeof(uint32_t)) : 0;
   const size_t b_raw = align_up((size_t)n_keys * sizeof(float));
@@ -352,15 +511,6 @@ static pvl_status cuda_observe(pvl_cache *c, const pvl_table *t,
   pvl_status st =
       dev_reserve(c, &s->obs_ws, &s->obs_ws_bytes, total, __func__);
   if (st != PVL_SUCCESS) return st;
-  /* Host staging for the results. */
-  const size_t h_bytes = b_raw + b_seen + 2 * b_cnt;
-  if (h_bytes > s->host_tmp_bytes) {
-    void *h = pvl__alloc(c->alloc, h_bytes);
-    if (!h) return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "observe staging");
-    pvl__free(c->alloc, s->host_tmp, s->host_tmp_bytes);
-    s->host_tmp = h;
-    s->host_tmp_bytes = h_bytes;
-  }
   char *d = s->obs_ws;
   int32_t *d_ids = (int32_t *)d;
   uint32_t *d_pos = t->pos ? (uint32_t *)(d + b_ids) : NULL;
@@ -385,27 +535,84 @@ static pvl_status cuda_observe(pvl_cache *c, const pvl_table *t,
   st = pvlk_observe(c->storage, &c->geom, d_ids, d_pos, n_keys, (int32_t)hq,
                     q, first_pos, n_rows, scale, log_p, d_raw, d_seen, d_below,
                     d_total, d_ws, b_ws, stream);
-  if (st != PVL_SUCCESS) return PVL_FAIL(c, st, "pvlk_observe");
-  CUDA_TRY(c,
-           cudaMemcpyAsync(s->host_tmp, d_out, h_bytes,
-                           cudaMemcpyDeviceToHost, cs),
-           "observe results");
-  /* The host accumulates (and pvl_compress reads) the results: wait. */
-  CUDA_TRY(c, cudaStreamSynchronize(cs), "observe synchronize");
-  const char *h = s->host_tmp;
-  const float *raw = (const float *)h;
-  const uint32_t *seen = (const uint32_t *)(h + b_raw);
-  const unsigned long long *below =
-      (const unsigned long long *)(h + b_raw + b_seen);
-  const unsigned long long *tot =
-      (const unsigned long long *)(h + b_raw + b_seen + b_cnt);
-  for (uint32_t j = 0; j < n_keys; j++) {
-    obs->raw[j] += raw[j];
-    obs->seen[j] += seen[j];
+  if (st != PVL_SUCCESS) return launch_fail(c, st, __func__, "pvlk_observe");
+  obs_dev *od = obs->dev;
+  const bool fresh = od == NULL;
+  if (fresh) {
+    st = obs_dev_get(c, n_keys, stream, &od);
+    if (st != PVL_SUCCESS) return st;
   }
-  for (uint32_t i = 0; i < hq; i++) {
-    obs->below[i] += below[i];
-    obs->total[i] += tot[i];
+  char *acc = od->mem;
+  const obs_layout l = obs_layout_for(n_keys, hq);
+  st = pvlk_observe_accumulate(
+      d_raw, d_seen, d_below, d_total, n_keys, (int32_t)hq, (double *)acc,
+      (uint32_t *)(acc + l.seen), (unsigned long long *)(acc + l.below),
+      (unsigned long long *)(acc + l.total), stream);
+  cudaError_t e = cudaSuccess;
+  if (st == PVL_SUCCESS) e = cudaEventRecord(od->done, cs);
+  if (st != PVL_SUCCESS || e != cudaSuccess) {
+    if (fresh) {
+      od->next = s->obs_free;
+      s->obs_free = od;
+    }
+    return st != PVL_SUCCESS
+               ? launch_fail(c, st, __func__, "pvlk_observe_accumulate")
+               : cuda_fail(c, e, __func__, "observe event");
+  }
+  obs->dev = od;
+  obs->stale = true;
+  return PVL_SUCCESS;
+}
+
+/* Brings the host arrays of every stale observation up to date: one copy
+ * per observation into pinned staging, queued after the observation's own
+ * work (its `done` event, so the stream it was observed on does not
+ * matter), then one wait for all of them. */
+static pvl_status cuda_obs_fetch(pvl_cache *c, pvl_obs *const *obs, uint32_t n,
+                                 void *stream) {
+  cuda_state *s = state(c);
+  const uint32_t hq = c->cfg.num_q_heads;
+  size_t need = 0;
+  for (uint32_t i = 0; i < n; i++)
+    if (obs[i] && obs[i]->stale && obs[i]->dev)
+      need += obs_layout_for(obs[i]->n_keys, hq).bytes;
+  if (need == 0) return PVL_SUCCESS;
+  if (need > s->pinned_bytes) {
+    size_t want = s->pinned_bytes ? s->pinned_bytes : 65536;
+    while (want < need) want *= 2;
+    void *p = NULL;
+    CUDA_TRY(c, cudaMallocHost(&p, want), "observation staging (pinned)");
+    if (s->pinned) cudaFreeHost(s->pinned);
+    s->pinned = p;
+    s->pinned_bytes = want;
+  }
+  cudaStream_t cs = (cudaStream_t)stream;
+  size_t off = 0;
+  for (uint32_t i = 0; i < n; i++) {
+    const pvl_obs *o = obs[i];
+    if (!o || !o->stale || !o->dev) continue;
+    const obs_dev *d = o->dev;
+    const size_t b = obs_layout_for(o->n_keys, hq).bytes;
+    CUDA_TRY(c, cudaStreamWaitEvent(cs, d->done, 0), "observation fetch");
+    CUDA_TRY(c,
+             cudaMemcpyAsync((char *)s->pinned + off, d->mem, b,
+                             cudaMemcpyDeviceToHost, cs),
+             "observation fetch");
+    off += b;
+  }
+  CUDA_TRY(c, cudaStreamSynchronize(cs), "observation fetch synchronize");
+  off = 0;
+  for (uint32_t i = 0; i < n; i++) {
+    pvl_obs *o = obs[i];
+    if (!o || !o->stale || !o->dev) continue;
+    const obs_layout l = obs_layout_for(o->n_keys, hq);
+    const char *h = (const char *)s->pinned + off;
+    memcpy(o->raw, h, (size_t)o->n_keys * sizeof(double));
+    memcpy(o->seen, h + l.seen, (size_t)o->n_keys * sizeof(uint32_t));
+    memcpy(o->below, h + l.below, (size_t)hq * sizeof(uint64_t));
+    memcpy(o->total, h + l.total, (size_t)hq * sizeof(uint64_t));
+    o->stale = false;
+    off += l.bytes;
   }
   return PVL_SUCCESS;
 }
@@ -444,7 +651,7 @@ static pvl_status cuda_select_top(pvl_cache *c, const float *scores,
                               cudaMemcpyHostToDevice, cs), "select offsets");
   st = pvlk_select_top(d_sc, d_seg, d_top, d_koff, n_seg, total, d_keep, d_ws,
                        b_ws, stream);
-  if (st != PVL_SUCCESS) return PVL_FAIL(c, st, "pvlk_select_top");
+  if (st != PVL_SUCCESS) return launch_fail(c, st, __func__, "pvlk_select_top");
   CUDA_TRY(c, cudaMemcpyAsync(keep, d_keep, (size_t)total_keep * 4,
                               cudaMemcpyDeviceToHost, cs), "select result");
   CUDA_TRY(c, cudaStreamSynchronize(cs), "select synchronize");
@@ -558,6 +765,11 @@ static pvl_status dev_observe(pvl_cache *c, const pvl_table *t, const void *q,
       c, cuda_observe(c, t, q, first_pos, n_rows, scale, log_p, obs, stream));
 }
 
+static pvl_status dev_obs_fetch(pvl_cache *c, pvl_obs *const *obs, uint32_t n,
+                                void *stream) {
+  ON_DEVICE(c, cuda_obs_fetch(c, obs, n, stream));
+}
+
 static pvl_status dev_select_top(pvl_cache *c, const float *scores,
                                  const int32_t *seg_off, const int32_t *n_top,
                                  const int32_t *keep_off, uint32_t n_seg,
@@ -582,6 +794,8 @@ static const pvl_backend_ops g_cuda = {
     .plan_kv_write = dev_plan_kv_write,
     .attention = dev_attention,
     .observe = dev_observe,
+    .obs_fetch = dev_obs_fetch,
+    .obs_release = cuda_obs_release,
     .select_top = dev_select_top,
 };
 

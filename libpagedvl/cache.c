@@ -157,6 +157,16 @@ static pvl_status check_config(const pvl_config *cfg) {
 #undef BAD
 }
 
+bool pvl__cuda_arch_supported(int major, int minor, char *why, size_t why_len) {
+  if (major >= 8) return true;
+  if (why && why_len)
+    snprintf(why, why_len,
+             "compute capability %d.%d; the CUDA kernels need 8.0 or newer "
+             "(cp.async, bf16)",
+             major, minor);
+  return false;
+}
+
 static pvl_status pick_backend(const pvl_config *cfg,
                                const pvl_backend_ops **out) {
   const pvl_backend_ops *cuda = pvl__cuda_backend();

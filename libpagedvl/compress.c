@@ -11,6 +11,7 @@
 
 static void obs_free(pvl_cache *c, pvl_obs *o) {
   if (!o) return;
+  if (o->dev && c->be->obs_release) c->be->obs_release(c, o);
   const size_t hq = c->cfg.num_q_heads;
   pvl__free(c->alloc, o->raw, (size_t)o->n_keys * sizeof(double));
   pvl__free(c->alloc, o->seen, (size_t)o->n_keys * sizeof(uint32_t));
@@ -30,6 +31,16 @@ void pvl__obs_free_all(pvl_cache *c, pvl_seq *s) {
   for (uint32_t l = 0; l < c->cfg.num_layers; l++) obs_free(c, s->obs[l]);
   pvl__free(c->alloc, s->obs, c->cfg.num_layers * sizeof(pvl_obs *));
   s->obs = NULL;
+}
+
+pvl_status pvl__obs_fetch(pvl_cache *c, pvl_obs *const *obs, uint32_t n,
+                          void *stream, const char *fn) {
+  if (!c->be->obs_fetch || !obs) return PVL_SUCCESS;
+  bool any = false;
+  for (uint32_t i = 0; i < n && !any; i++) any = obs[i] && obs[i]->stale;
+  if (!any) return PVL_SUCCESS;
+  pvl_status st = c->be->obs_fetch(c, obs, n, stream);
+  return st == PVL_SUCCESS ? st : pvl__prefix(c, st, fn);
 }
 
 static bool obs_valid(const pvl_obs *o, const pvl_table *t) {
@@ -163,6 +174,11 @@ pvl_status pvl_seq_observation(const pvl_cache *c, pvl_seq_id id,
   if ((raw || seen) && cap < o->n_keys)
     return PVL_FAIL(c, PVL_ERR_CAPACITY, "cap = %u < %u keys", cap,
                     o->n_keys);
+  /* A read of the observation: sums still on the device come over first
+   * (after the work queued into them, on whatever stream). Logically
+   * const: the fetched copy is what the sums already are. */
+  st = pvl__obs_fetch((pvl_cache *)c, &s->obs[layer], 1, NULL, __func__);
+  if (st != PVL_SUCCESS) return st;
   double g = obs_gamma(c, o, gamma);
   if (gamma_layer) *gamma_layer = (float)g;
   for (uint32_t j = 0; raw && j < o->n_keys; j++) raw[j] = (float)o->raw[j];
@@ -341,6 +357,12 @@ static pvl_status compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
                        pvl_policy_name(p->kind), l);
     n_keep_all += t->n_tokens;
   }
+  /* Every layer's sums to the host in one wait, before anything reads
+   * them (the checks and the combination of ranks below). */
+  if (scored) {
+    st = pvl__obs_fetch(c, s->obs, L, stream, fn);
+    if (st != PVL_SUCCESS) return st;
+  }
 
   /* Host scratch: preparations, keep-list offsets, densities, budgets and
    * keep lists. One allocation, freed on every path. */
@@ -504,6 +526,10 @@ static pvl_status decode_cap(pvl_cache *c, pvl_seq_id id, uint32_t layer,
                      "layer %u has no observation of recent decode queries "
                      "(or changed since)",
                      layer);
+  if (scored) {
+    st = pvl__obs_fetch(c, &s->obs[layer], 1, stream, fn);
+    if (st != PVL_SUCCESS) return st;
+  }
   /* Split by heads: the per-key sums of every rank are added first
    * (dist.c), so every rank keeps the same tokens. */
   pvl_obs *comb = NULL;

@@ -76,6 +76,10 @@ typedef struct pvl_obs {
   uint32_t *seen;  /* [n_keys] rows that saw key j */
   uint64_t *below; /* [num_q_heads] entries under the Eq. 1 threshold */
   uint64_t *total; /* [num_q_heads] causal entries */
+  void *dev;       /* backend-private: the sums kept on the device (CUDA,
+                      from the first pvl_observe on), or NULL */
+  bool stale;      /* raw/seen/below/total lag `dev`: fetch before reading
+                      them (pvl__obs_fetch) */
 } pvl_obs;
 
 /* ---- sequences (seq.c) ---- */
@@ -132,6 +136,11 @@ PVL_INTERNAL pvl_status pvl__retain_commit(pvl_cache *c, pvl_seq *s,
                                            void *stream, const char *fn);
 PVL_INTERNAL void pvl__retain_abort(pvl_cache *c, pvl_retain_prep *prep);
 PVL_INTERNAL void pvl__obs_drop(pvl_cache *c, pvl_seq *s, uint32_t layer);
+/* Brings the host arrays of obs[0..n) (NULL entries skipped) up to date
+ * with sums the backend keeps on the device; records the error under fn. */
+PVL_INTERNAL pvl_status pvl__obs_fetch(pvl_cache *c, pvl_obs *const *obs,
+                                       uint32_t n, void *stream,
+                                       const char *fn);
 PVL_INTERNAL void pvl__obs_free_all(pvl_cache *c, pvl_seq *s);
 
 /* ---- policies (policy.c) ---- */
@@ -193,6 +202,14 @@ typedef struct pvl_backend_ops {
   pvl_status (*observe)(pvl_cache *c, const pvl_table *t, const void *q,
                         uint32_t first_pos, uint32_t n_rows, float scale,
                         float log_p, pvl_obs *obs, void *stream);
+  /* A backend that keeps the sums on the device (obs->dev, obs->stale set
+   * by observe, so observe need not wait for the device) fetches them into
+   * the host arrays of every stale obs[i] (NULL entries skipped) and
+   * returns when they are there; obs_release frees obs->dev without
+   * waiting. Both NULL on the CPU, which sums into the host arrays. */
+  pvl_status (*obs_fetch)(pvl_cache *c, pvl_obs *const *obs, uint32_t n,
+                          void *stream);
+  void (*obs_release)(pvl_cache *c, pvl_obs *o);
   /* Segmented top-k (pvl_compress, all layers at once):
    * segment i holds scores[seg_off[i] .. seg_off[i + 1]); its n_top[i]
    * best (ties: later index) go ascending to keep[keep_off[i] ..]. Host
@@ -207,6 +224,12 @@ typedef struct pvl_backend_ops {
 PVL_INTERNAL extern const pvl_backend_ops pvl__cpu_backend;
 /* NULL when the library was built without CUDA. */
 PVL_INTERNAL const pvl_backend_ops *pvl__cuda_backend(void);
+/* Whether the CUDA kernels run on a device of compute capability
+ * major.minor (they need sm_80: cp.async, bf16 conversions). If not and
+ * why is not NULL, the reason (capability found and needed) goes there.
+ * Pure, so the CPU build tests it (cache.c). */
+PVL_INTERNAL bool pvl__cuda_arch_supported(int major, int minor, char *why,
+                                           size_t why_len);
 
 /* ---- communicators (comm.c, comm_nccl.c) ---- */
 

@@ -1,8 +1,13 @@
 /* Decode attention on the GPU over compacted per-layer pages: time per call,
  * bytes of K/V read per second, and that as a fraction of a device-to-device
  * copy bandwidth measured in the same run, at keep ratio 1.0 and 0.1, over
- * contexts and batch sizes. One CSV line per case plus a table. Not run by
- * ctest; needs a CUDA build and a GPU. */
+ * contexts and batch sizes (or the cases named with --case). Each case
+ * rotates over enough layers that one rotation reads at least three times
+ * the device's L2 (a 1 x 2K case alone fits in the 60 MB L2 of an H200 and
+ * would be timed from cache), and is timed twice: calls launched one by
+ * one, and the same calls replayed from a CUDA graph, whose time is the
+ * kernel's own when host launch overhead would dominate a small case. One
+ * CSV line per case. Not run by ctest; needs a CUDA build and a GPU. */
 #define _POSIX_C_SOURCE 199309L
 #include <cuda_runtime_api.h>
 #include <math.h>
@@ -76,14 +81,59 @@ static double copy_bandwidth(void) {
 }
 
 typedef struct result {
-  double us, kv_bytes, gbs;
+  uint32_t layers;
+  double us_graph, us_eager, kv_bytes, gbs;
 } result;
+
+/* Layers to rotate over so one rotation reads >= 3 x L2: every call then
+ * finds its K/V evicted by the calls since its previous turn. */
+static uint32_t layers_for(uint32_t batch, uint32_t n_keep, size_t row,
+                           int l2_bytes) {
+  const double per_layer = (double)batch * (n_keep + 1) * row * 2 * 2;
+  double n = ceil(3.0 * (double)l2_bytes / per_layer);
+  if (n < 4) n = 4;
+  if (n > 512) n = 512;
+  return (uint32_t)n;
+}
+
+static uint32_t keep_count(uint32_t ctx, double keep) {
+  uint32_t n = keep >= 1.0 ? ctx : (uint32_t)(ctx * keep);
+  return n ? n : 1;
+}
+
+/* Median of REPS timings of `calls` attention calls over the layers in
+ * rotation, per call in microseconds: launched one by one (graph == NULL)
+ * or as one replay of the captured graph. `cache` names errors (CK). */
+static double time_calls(pvl_cache *cache, pvl_plan *plan, uint32_t layers,
+                         int calls, const void *q, void *out, cudaStream_t s,
+                         cudaGraphExec_t graph) {
+  enum { REPS = 15 };
+  cudaEvent_t e0, e1;
+  CU(cudaEventCreate(&e0));
+  CU(cudaEventCreate(&e1));
+  float ms[REPS];
+  for (int r = -2; r < REPS; r++) { /* two warm-up rounds */
+    CU(cudaEventRecord(e0, s));
+    if (graph) {
+      CU(cudaGraphLaunch(graph, s));
+    } else {
+      for (int i = 0; i < calls; i++)
+        CK(pvl_attention_decode(plan, (uint32_t)i % layers, q, out, 0, s));
+    }
+    CU(cudaEventRecord(e1, s));
+    CU(cudaEventSynchronize(e1));
+    if (r >= 0) CU(cudaEventElapsedTime(&ms[r], e0, e1));
+  }
+  qsort(ms, REPS, sizeof(float), cmp_f);
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return ms[REPS / 2] * 1e3 / calls;
+}
 
 /* One case: `batch` sequences of `ctx` prompt tokens in `layers` layers,
  * compacted to keep * ctx tokens (every 1/keep-th token, through
  * pvl_seq_retain, so the kernel reads compacted blocks), one decode slot
- * appended; times pvl_attention_decode rotating over the layers so
- * consecutive calls do not hit in L2. */
+ * appended; times pvl_attention_decode rotating over the layers. */
 static result run_case(uint32_t batch, uint32_t ctx, double keep,
                        uint32_t layers, uint32_t hq, uint32_t hkv,
                        uint32_t d, uint32_t bs) {
@@ -97,7 +147,11 @@ static result run_case(uint32_t batch, uint32_t ctx, double keep,
   cfg.num_kv_heads = hkv;
   cfg.head_dim = d;
   cfg.block_size = bs;
-  cfg.num_blocks = (uint32_t)((uint64_t)batch * layers * (ctx / bs + 3) + 64);
+  const uint32_t n_keep = keep_count(ctx, keep);
+  /* Each layer is compacted right after it is written: the kept blocks of
+   * every layer, one whole layer in flight, the decode slots. */
+  cfg.num_blocks = (uint32_t)((uint64_t)batch * layers * (n_keep / bs + 3) +
+                              ctx / bs + 3 + 64);
   CK(pvl_cache_create(&cfg, &cache));
   const size_t row = (size_t)hkv * d;
   uint16_t *h = malloc((size_t)ctx * row * 2);
@@ -105,8 +159,6 @@ static result run_case(uint32_t batch, uint32_t ctx, double keep,
   void *dkv;
   CU(cudaMalloc(&dkv, (size_t)ctx * row * 2));
   CU(cudaMemcpy(dkv, h, (size_t)ctx * row * 2, cudaMemcpyHostToDevice));
-  uint32_t n_keep = keep >= 1.0 ? ctx : (uint32_t)(ctx * keep);
-  if (n_keep == 0) n_keep = 1;
   uint32_t *idx = malloc((size_t)n_keep * sizeof(uint32_t));
   for (uint32_t i = 0; i < n_keep; i++)
     idx[i] = (uint32_t)((uint64_t)i * ctx / n_keep);
@@ -135,29 +187,27 @@ static result run_case(uint32_t batch, uint32_t ctx, double keep,
     CK(pvl_plan_kv_write(plan, l, dkv, dkv, NULL));
   CU(cudaDeviceSynchronize());
 
-  cudaEvent_t e0, e1;
-  CU(cudaEventCreate(&e0));
-  CU(cudaEventCreate(&e1));
-  for (int i = 0; i < 5; i++)
-    CK(pvl_attention_decode(plan, (uint32_t)i % layers, q, out, 0, NULL));
-  enum { REPS = 15, CALLS = 8 };
-  float ms[REPS];
-  for (int r = 0; r < REPS; r++) {
-    CU(cudaEventRecord(e0, 0));
-    for (int i = 0; i < CALLS; i++)
-      CK(pvl_attention_decode(plan, (uint32_t)i % layers, q, out, 0, NULL));
-    CU(cudaEventRecord(e1, 0));
-    CU(cudaEventSynchronize(e1));
-    CU(cudaEventElapsedTime(&ms[r], e0, e1));
-  }
-  qsort(ms, REPS, sizeof(float), cmp_f);
+  /* A stream of our own: graphs cannot be captured on the legacy one. */
+  cudaStream_t s;
+  CU(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  const int calls = layers < 8 ? 2 * (int)layers : (int)layers;
   result res;
-  res.us = ms[REPS / 2] * 1e3 / CALLS;
+  res.layers = layers;
+  res.us_eager = time_calls(cache, plan, layers, calls, q, out, s, NULL);
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < calls; i++)
+    CK(pvl_attention_decode(plan, (uint32_t)i % layers, q, out, 0, s));
+  CU(cudaStreamEndCapture(s, &graph));
+  CU(cudaGraphInstantiate(&exec, graph, 0));
+  res.us_graph = time_calls(cache, plan, layers, calls, q, out, s, exec);
   /* Bytes the call must move: every kept K and V row once, q and out. */
   res.kv_bytes = (double)batch * (n_keep + 1) * row * 2 * 2 + 2.0 * qn * 2;
-  res.gbs = res.kv_bytes / (res.us * 1e-6) / 1e9;
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
+  res.gbs = res.kv_bytes / (res.us_graph * 1e-6) / 1e9;
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(s);
   cudaFree(q);
   cudaFree(out);
   cudaFree(dkv);
@@ -169,39 +219,88 @@ static result run_case(uint32_t batch, uint32_t ctx, double keep,
   return res;
 }
 
+static int usage(int rc) {
+  printf("usage: bench_attention [--quick] [--case BATCH,CTX]... [--keep K]\n"
+         "bf16, 8 KV heads, 32 query heads, head_dim 128, block 16;\n"
+         "default: contexts 2K..128K x batch 1..128 at keep 1.0 and 0.1.\n"
+         "--case times only the named cases (repeatable), --keep only that\n"
+         "keep ratio in (0, 1]. Columns: us_per_call from a CUDA graph\n"
+         "replay (the kernels' time), us_eager launched one by one, the\n"
+         "layers rotated over (>= 3 x L2 read per rotation).\n");
+  return rc;
+}
+
 int main(int argc, char **argv) {
-  int quick = argc > 1 && !strcmp(argv[1], "--quick");
-  if (argc > 1 && !quick) {
-    printf("usage: bench_attention [--quick]\n"
-           "bf16, 8 KV heads, 32 query heads, head_dim 128, block 16;\n"
-           "contexts 2K..128K x batch 1..128 at keep 1.0 and 0.1.\n");
-    return 0;
+  enum { MAX_CASES = 64 };
+  uint32_t cb[MAX_CASES], cc[MAX_CASES];
+  int n_cases = 0, quick = 0;
+  double only_keep = 0.0;
+  for (int i = 1; i < argc; i++) {
+    if (!strcmp(argv[i], "--quick")) {
+      quick = 1;
+    } else if (!strcmp(argv[i], "--case") && i + 1 < argc) {
+      unsigned b = 0, c = 0;
+      char tail = 0;
+      if (n_cases == MAX_CASES ||
+          sscanf(argv[++i], "%u,%u%c", &b, &c, &tail) != 2 || b == 0 ||
+          c == 0) {
+        fprintf(stderr, "bad --case %s (BATCH,CTX, both > 0)\n", argv[i]);
+        return usage(2);
+      }
+      cb[n_cases] = b;
+      cc[n_cases++] = c;
+    } else if (!strcmp(argv[i], "--keep") && i + 1 < argc) {
+      char *end = NULL;
+      only_keep = strtod(argv[++i], &end);
+      if (!end || *end || !(only_keep > 0.0 && only_keep <= 1.0)) {
+        fprintf(stderr, "bad --keep %s (in (0, 1])\n", argv[i]);
+        return usage(2);
+      }
+    } else {
+      return usage(strcmp(argv[i], "--help") ? 2 : 0);
+    }
   }
   int dev = 0;
   CU(cudaGetDevice(&dev));
   struct cudaDeviceProp prop;
   CU(cudaGetDeviceProperties(&prop, dev));
+  int l2 = 0;
+  CU(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
   const double copy_bw = copy_bandwidth();
-  printf("# device: %s, copy bandwidth (read+write): %.0f GB/s\n", prop.name,
-         copy_bw / 1e9);
-  printf("batch,context,keep,us_per_call,bytes,GB_per_s,fraction_of_copy\n");
+  printf("# device: %s, L2 %.0f MB, copy bandwidth (read+write): %.0f GB/s\n",
+         prop.name, l2 / 1e6, copy_bw / 1e9);
+  printf("batch,context,keep,layers,us_per_call,us_eager,bytes,GB_per_s,"
+         "fraction_of_copy\n");
   const uint32_t ctxs[] = {2048, 4096, 8192, 32768, 131072};
   const uint32_t batches[] = {1, 8, 64, 128};
-  const double keeps[] = {1.0, 0.1};
-  for (int ci = 0; ci < 5; ci++)
-    for (int bi = 0; bi < 4; bi++)
-      for (int ki = 0; ki < 2; ki++) {
-        uint32_t ctx = ctxs[ci], batch = batches[bi];
-        /* Keep the pool under ~24 GiB: batch * ctx * 4 layers * 4 KiB. */
-        double gib = (double)batch * ctx * 4 * 8 * 128 * 2 * 2 / (1u << 30);
-        if (gib > 24.0) continue;
-        if (quick && !(ctx == 4096 && batch == 64) &&
-            !(ctx == 32768 && batch == 1))
+  const int named = n_cases > 0;
+  if (n_cases == 0)
+    for (int ci = 0; ci < 5; ci++)
+      for (int bi = 0; bi < 4; bi++) {
+        if (quick && !(ctxs[ci] == 4096 && batches[bi] == 64) &&
+            !(ctxs[ci] == 32768 && batches[bi] == 1))
           continue;
-        result r = run_case(batch, ctx, keeps[ki], 4, 32, 8, 128, 16);
-        printf("%u,%u,%.1f,%.2f,%.0f,%.1f,%.3f\n", batch, ctx, keeps[ki],
-               r.us, r.kv_bytes, r.gbs, r.gbs * 1e9 / copy_bw);
-        fflush(stdout);
+        cb[n_cases] = batches[bi];
+        cc[n_cases++] = ctxs[ci];
       }
+  const double keeps[] = {1.0, 0.1};
+  const size_t row = 8 * 128;
+  for (int i = 0; i < n_cases; i++)
+    for (int ki = 0; ki < 2; ki++) {
+      const double keep = only_keep > 0.0 ? only_keep : keeps[ki];
+      if (only_keep > 0.0 && ki > 0) break;
+      const uint32_t batch = cb[i], ctx = cc[i];
+      const uint32_t layers = layers_for(batch, keep_count(ctx, keep), row, l2);
+      /* Keep the pool under ~24 GiB (a named case is run regardless). */
+      const double gib = (double)batch * layers *
+                         (keep_count(ctx, keep) + 48.0) * row * 2 * 2 /
+                         (1u << 30);
+      if (gib > 24.0 && !named) continue;
+      result r = run_case(batch, ctx, keep, layers, 32, 8, 128, 16);
+      printf("%u,%u,%.2f,%u,%.2f,%.2f,%.0f,%.1f,%.3f\n", batch, ctx, keep,
+             r.layers, r.us_graph, r.us_eager, r.kv_bytes, r.gbs,
+             r.gbs * 1e9 / copy_bw);
+      fflush(stdout);
+    }
   return 0;
 }

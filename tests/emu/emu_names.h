@@ -15,4 +15,6 @@
 #define pvlk_observe pvl_emu_observe
 #define pvlk_select_workspace_bytes pvl_emu_select_workspace_bytes
 #define pvlk_select_top pvl_emu_select_top
+#define pvlk_observe_accumulate pvl_emu_observe_accumulate
+#define pvlk_last_cuda_error pvl_emu_last_cuda_error
 #endif

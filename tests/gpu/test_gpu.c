@@ -3,12 +3,15 @@
  * compared with tolerance atol + |ref| * eps (attention, observe) or
  * exactly (data movement, selections away from ties). Skips visibly when no
  * CUDA device is usable. */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime, nanosleep */
 #include <criterion/criterion.h>
 #include <cuda_runtime_api.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "internal.h"
 
@@ -782,4 +785,183 @@ Test(gpu, non_finite_observation_is_refused) {
     for (int kind = NF_NONE; kind <= NF_NEG_BIG_Q; kind++)
       nonfinite_case(PVL_DTYPE_BF16, (nf_kind)kind, cap);
   }
+}
+
+/* ---- observe queued without waiting (issue 9, section 3) ---- */
+
+/* A host function on the stream that holds it until the test thread opens
+ * the gate (or 20 s pass). While it holds, nothing queued behind it runs,
+ * so a pvl_observe that waited for its stream would block until the
+ * timeout: the gate then reports it. */
+typedef struct gate {
+  _Atomic int open;
+  _Atomic int timed_out;
+} gate;
+
+static void CUDART_CB gate_hold(void *arg) {
+  gate *g = arg;
+  struct timespec t0, t;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  while (!atomic_load(&g->open)) {
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    if (t.tv_sec - t0.tv_sec > 20) {
+      atomic_store(&g->timed_out, 1);
+      return;
+    }
+    struct timespec nap = {0, 100000};
+    nanosleep(&nap, NULL);
+  }
+}
+
+/* A whole prefill (every layer) observed on a held stream returns without
+ * the device having run any of it; pvl_compress then fetches every layer
+ * and keeps what the CPU twin keeps. */
+Test(gpu, observe_prefill_queued_then_compress_matches_cpu) {
+  require_gpu();
+  rng_state = 0x5555;
+  enum { LAYERS = 6, HQ = 8, HKV = 2, D = 128, M = 600 };
+  twin t = twin_make(PVL_DTYPE_F16, LAYERS, HQ, HKV, D, 16, 1024);
+  pvl_span vis = {8, 520};
+  pvl_seq_id sc, sg;
+  OK2(&t, pvl_seq_add(t.cpu, M, &vis, 1, &sc),
+      pvl_seq_add(t.gpu, M, &vis, 1, &sg));
+  pvl_policy p;
+  pvl_policy_init(&p, PVL_POLICY_VLCACHE);
+  uint32_t first, rows, fb;
+  cr_assert_eq(pvl_policy_rows(&p, t.cpu, sc, &first, &rows, &fb), PVL_SUCCESS);
+  const size_t es = 2, cnt = (size_t)M * HKV * D, nq = (size_t)rows * HQ * D;
+  void *dq[LAYERS];
+  for (uint32_t l = 0; l < LAYERS; l++) {
+    void *k = rand_host(PVL_DTYPE_F16, cnt, 1.0f + (float)l);
+    void *v = rand_host(PVL_DTYPE_F16, cnt, 1.0f);
+    void *q = rand_host(PVL_DTYPE_F16, nq, 2.0f);
+    void *dk = to_dev(k, cnt * es), *dv = to_dev(v, cnt * es);
+    dq[l] = to_dev(q, nq * es);
+    OK2(&t, pvl_kv_write(t.cpu, sc, l, 0, M, k, v, NULL),
+        pvl_kv_write(t.gpu, sg, l, 0, M, dk, dv, NULL));
+    OK2(&t, pvl_observe(t.cpu, sc, l, q, first, rows, p.threshold, 0, NULL),
+        PVL_SUCCESS);
+    cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+    cudaFree(dk);
+    cudaFree(dv);
+    free(k);
+    free(v);
+    free(q);
+  }
+  cudaStream_t s;
+  cr_assert_eq(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking),
+               cudaSuccess);
+  gate g;
+  atomic_init(&g.open, 0);
+  atomic_init(&g.timed_out, 0);
+  cr_assert_eq(cudaLaunchHostFunc(s, gate_hold, &g), cudaSuccess);
+  for (uint32_t l = 0; l < LAYERS; l++)
+    cr_assert_eq(
+        pvl_observe(t.gpu, sg, l, dq[l], first, rows, p.threshold, 0, s),
+        PVL_SUCCESS, "layer %u: %s", l, pvl_cache_last_error(t.gpu));
+  /* Nothing of it has run: the stream is still held. */
+  cr_assert_eq(cudaStreamQuery(s), cudaErrorNotReady);
+  cr_assert_not(atomic_load(&g.timed_out), "pvl_observe waited for the device");
+  atomic_store(&g.open, 1);
+  pvl_compress_report rc = {0}, rg = {0};
+  OK2(&t, pvl_compress(t.cpu, sc, &p, &rc, NULL),
+      pvl_compress(t.gpu, sg, &p, &rg, s));
+  cr_assert_not(atomic_load(&g.timed_out));
+  cr_assert_eq(rc.kept_total, rg.kept_total);
+  for (uint32_t l = 0; l < LAYERS; l++) {
+    uint32_t pc[M], pg[M], nc, ng;
+    OK2(&t, pvl_seq_positions(t.cpu, sc, l, pc, M, &nc),
+        pvl_seq_positions(t.gpu, sg, l, pg, M, &ng));
+    cr_assert_eq(nc, ng, "layer %u", l);
+    uint32_t same = 0;
+    for (uint32_t i = 0, j = 0; i < nc && j < ng;) {
+      if (pc[i] == pg[j]) {
+        same++;
+        i++;
+        j++;
+      } else if (pc[i] < pg[j]) {
+        i++;
+      } else {
+        j++;
+      }
+    }
+    /* As compress_keeps_the_same_tokens: only ties within rounding. */
+    cr_assert(same * 100 >= nc * 99, "layer %u: %u of %u kept positions agree",
+              l, same, nc);
+  }
+  cudaStreamDestroy(s);
+  for (uint32_t l = 0; l < LAYERS; l++) cudaFree(dq[l]);
+  twin_free(&t);
+}
+
+/* Observations summed over several calls on the device equal the host's
+ * sums of the same calls, and a read between calls leaves them right. */
+Test(gpu, observe_accumulates_over_calls_on_device) {
+  require_gpu();
+  rng_state = 0x5556;
+  twin t = twin_make(PVL_DTYPE_BF16, 1, 8, 2, 128, 16, 128);
+  pvl_seq_id sc, sg;
+  twin_admit(&t, 400, &sc, &sg);
+  const size_t nq = (size_t)50 * 8 * 128;
+  for (int call = 0; call < 4; call++) {
+    void *q = rand_host(PVL_DTYPE_BF16, nq, 3.0f), *dq = to_dev(q, nq * 2);
+    OK2(&t, pvl_observe(t.cpu, sc, 0, q, 350, 50, 0.01f, 0.0f, NULL),
+        pvl_observe(t.gpu, sg, 0, dq, 350, 50, 0.01f, 0.0f, NULL));
+    if (call == 1) { /* a read in between: fetched, then summed on */
+      uint32_t nk, nr;
+      OK2(&t,
+          pvl_seq_observation(t.cpu, sc, 0, NULL, NULL, NULL, NULL, 0, &nk,
+                              &nr),
+          pvl_seq_observation(t.gpu, sg, 0, NULL, NULL, NULL, NULL, 0, &nk,
+                              &nr));
+    }
+    cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+    cudaFree(dq);
+    free(q);
+  }
+  float rc[400], rg[400];
+  uint32_t nc, ng, rowc, rowg;
+  OK2(&t,
+      pvl_seq_observation(t.cpu, sc, 0, NULL, NULL, rc, NULL, 400, &nc, &rowc),
+      pvl_seq_observation(t.gpu, sg, 0, NULL, NULL, rg, NULL, 400, &ng, &rowg));
+  cr_assert_eq(nc, ng);
+  cr_assert_eq(rowc, 200);
+  cr_assert_eq(rowg, 200);
+  for (uint32_t j = 0; j < nc; j++)
+    cr_assert(fabsf(rc[j] - rg[j]) <= 4e-4f + 1e-3f * fabsf(rc[j]),
+              "raw[%u]: cpu %g gpu %g", j, rc[j], rg[j]);
+  twin_free(&t);
+}
+
+/* ---- errors name the CUDA error ---- */
+
+/* A launch that fails must say which CUDA error it met, not only which
+ * launcher. An attention over an unmapped q faults on the device; the
+ * error is sticky, so the next launch fails with it and its message must
+ * name it. Criterion runs each test in its own process, so the broken
+ * context dies with this one. */
+Test(gpu, launch_failure_names_the_cuda_error) {
+  require_gpu();
+  rng_state = 0x6666;
+  twin t = twin_make(PVL_DTYPE_F16, 1, 8, 2, 128, 16, 64);
+  pvl_seq_id sc, sg;
+  twin_admit(&t, 200, &sc, &sg);
+  pvl_plan *pg;
+  cr_assert_eq(pvl_plan_create(t.gpu, 1, 0, &pg), PVL_SUCCESS);
+  cr_assert_eq(pvl_plan_build(pg, &sg, 1, NULL), PVL_SUCCESS, "%s",
+               pvl_cache_last_error(t.gpu));
+  void *dout;
+  cr_assert_eq(cudaMalloc(&dout, 8 * 128 * 2), cudaSuccess);
+  void *bad_q = (void *)(uintptr_t)0x10000; /* aligned, never mapped */
+  cr_assert_eq(pvl_attention_decode(pg, 0, bad_q, dout, 0.0f, NULL),
+               PVL_SUCCESS, "%s", pvl_cache_last_error(t.gpu));
+  const cudaError_t e = cudaDeviceSynchronize();
+  cr_assert_neq(e, cudaSuccess, "a read of an unmapped address succeeded");
+  const pvl_status st = pvl_attention_decode(pg, 0, dout, dout, 0.0f, NULL);
+  cr_assert_eq(st, PVL_ERR_CUDA, "%s", pvl_status_string(st));
+  const char *msg = pvl_cache_last_error(t.gpu);
+  cr_assert_not_null(strstr(msg, cudaGetErrorName(e)),
+                     "the message does not name %s: %s", cudaGetErrorName(e),
+                     msg);
+  /* No teardown: the context is gone; the process ends with the test. */
 }
