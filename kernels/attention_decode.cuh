@@ -1,7 +1,9 @@
 /* Decode attention over the paged pool (templates; launchers in
- * attention_decode.cu). One CTA per (plan row, KV head, group chunk, split)
- * reads each K/V tile once for all query heads of its GQA group; a second
- * kernel merges the splits of long rows. */
+ * attention_decode.cu). A one-CTA planning kernel cuts the rows into work
+ * items (a row, or a range of whole blocks of a long row) from the rows'
+ * real lengths; one CTA per (work item, KV head, group chunk) reads each K/V
+ * tile once for all query heads of its GQA group; a third kernel merges the
+ * items (splits) of rows that were cut. */
 #ifndef PVL_KERNELS_ATTENTION_DECODE_CUH
 #define PVL_KERNELS_ATTENTION_DECODE_CUH
 
@@ -24,12 +26,20 @@ constexpr int kTileBytes = 4096;
 /* Query heads one CTA holds; larger GQA groups take several CTAs per KV head
  * (each re-reads K/V). */
 constexpr int kMaxGroup = 8;
-/* Split-K: aim for kSlotsPerSm CTAs per SM; never more than kMaxSplits
- * splits (one per lane in the combine kernel), never fewer than
- * kMinSplitTokens tokens per split. */
+/* Split-K, planned on the device from the real lengths (plan_kernel): a
+ * row longer than the chunk is cut into equal ranges of whole blocks, the
+ * chunk being the batch's total work over kTailFactor * kSlotsPerSm CTAs
+ * per SM, so that no item is longer than about half of what a CTA slot
+ * does in a balanced schedule: one long row among short ones then no longer
+ * runs alone on a few CTAs after the rest has finished. Never more than
+ * kMaxSplits splits of a row (one per lane in the combine kernel), never
+ * fewer than kMinSplitTokens tokens per split. */
 constexpr int kMaxSplits = 32;
 constexpr int kSlotsPerSm = 2;
+constexpr int kTailFactor = 2;
 constexpr int kMinSplitTokens = 128;
+/* The planning kernel: one CTA of kPlanThreads over all rows. */
+constexpr int kPlanThreads = 256;
 
 struct Params {
   const char *storage;
@@ -39,10 +49,22 @@ struct Params {
   const int32_t *row_offset, *base_len, *n_appended, *block_ids;
   const void *q;
   void *out;
-  float *ws_acc; /* [n_seqs * num_q_heads * splits][head_dim], unnormalized */
-  float2 *ws_ml; /* [n_seqs * num_q_heads * splits] (max, sum), log2 units */
-  float qscale;  /* scale * log2(e): scores live in the exp2 domain */
-  int n_seqs, num_q_heads, num_kv_heads, group, chunks, splits;
+  /* Partial states of split rows: row b's (query head h, split s) is slot
+   * row_split[b].y * num_q_heads + h * row_split[b].x + s, ws_cap *
+   * num_q_heads slots in all. */
+  float *ws_acc; /* [slots][head_dim], unnormalized */
+  float2 *ws_ml; /* [slots] (max, sum), log2 units */
+  /* Written by plan_kernel in the workspace: the work list, items with
+   * split rows' items first, [items_cap][4] = (row, first block, blocks,
+   * split index); per row [n_seqs][2] = (splits, first split slot); the
+   * number of items. */
+  int32_t *work, *row_split, *n_items;
+  float qscale; /* scale * log2(e): scores live in the exp2 domain */
+  int n_seqs, num_q_heads, num_kv_heads, group, chunks;
+  /* Capacities the grid and the workspace were sized for (never from
+   * lengths: a captured graph replays across steps): split items in all,
+   * and CTA slots the chunk size aims at (kTailFactor * kSlotsPerSm * SMs). */
+  int ws_cap, work_slots;
   int block_size, log_block, min_chunk_blocks;
 };
 
@@ -101,18 +123,132 @@ __device__ __forceinline__ int block_count(int len, const Params &p) {
   return (len >> p.log_block) + ((len & (p.block_size - 1)) != 0);
 }
 
-/* Splits of a row, on whole blocks: `chunk` blocks each, `eff` of them
- * non-empty. Both kernels call this, so they agree on every row. */
-__device__ __forceinline__ void split_layout(int nblk, const Params &p,
-                                             int &chunk, int &eff) {
-  if (nblk <= 0) {
-    chunk = 1;
-    eff = 0;
-    return;
+/* Splits of a row of nblk blocks for a chunk of `chunk` blocks: rows that
+ * fit (empty ones included) stay whole. */
+__device__ __forceinline__ int row_splits(int nblk, int64_t chunk) {
+  return nblk <= chunk ? 1 : (int)((nblk + chunk - 1) / chunk);
+}
+
+/* Sum or max over the planning CTA; every thread gets the result. */
+template <bool MAX>
+__device__ __forceinline__ long long plan_reduce(long long v,
+                                                 long long *scratch) {
+#pragma unroll
+  for (int o = 16; o >= 1; o /= 2) {
+    const long long y = __shfl_xor_sync(kFullMask, v, o);
+    v = MAX ? (y > v ? y : v) : v + y;
   }
-  chunk = (nblk + p.splits - 1) / p.splits;
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  long long r = scratch[0];
+  for (int w = 1; w < kPlanThreads / 32; ++w)
+    r = MAX ? (scratch[w] > r ? scratch[w] : r) : r + scratch[w];
+  __syncthreads(); /* scratch is reused by the next call */
+  return r;
+}
+
+/* Plans one layer's decode attention from the rows' lengths on the device
+ * (they change between replays of a captured graph): picks the chunk, cuts
+ * the rows longer than it into equal ranges of whole blocks and writes the
+ * work list, split rows' items first (the hardware starts CTAs roughly in
+ * index order, so the long items start early instead of forming the tail). */
+__global__ void __launch_bounds__(kPlanThreads) plan_kernel(const Params p) {
+  __shared__ long long scratch[kPlanThreads / 32];
+  const int per = p.num_kv_heads * p.chunks; /* CTAs per item */
+  long long total = 0, longest = 0;
+  for (int b = threadIdx.x; b < p.n_seqs; b += kPlanThreads) {
+    const int n = block_count(row_len(p, b), p);
+    total += n;
+    if (n > longest) longest = n;
+  }
+  total = plan_reduce<false>(total, scratch);
+  longest = plan_reduce<true>(longest, scratch);
+
+  int64_t chunk = (total * per + p.work_slots - 1) / p.work_slots;
   if (chunk < p.min_chunk_blocks) chunk = p.min_chunk_blocks;
-  eff = (nblk + chunk - 1) / chunk;
+  if (chunk < (longest + kMaxSplits - 1) / kMaxSplits)
+    chunk = (longest + kMaxSplits - 1) / kMaxSplits;
+  if (chunk < 1) chunk = 1;
+  if (PVLK_MUTANT(10)) chunk = longest > 0 ? longest : 1; /* never cuts */
+  /* Split items: a split row has more than `chunk` blocks, so there are
+   * fewer than total / chunk <= work_slots / per of them, and its
+   * ceil(nblk / chunk) <= nblk / chunk + 1 items sum to at most
+   * 2 * work_slots / per (and at most kMaxSplits per row): the launcher's
+   * ws_cap. The loop only guards that bound against a slip, so that an
+   * item never lands past the workspace: a larger chunk means fewer
+   * splits, and a chunk of `longest` none. */
+  long long split_items;
+  for (;;) {
+    long long mine = 0;
+    for (int b = threadIdx.x; b < p.n_seqs; b += kPlanThreads) {
+      const int s = row_splits(block_count(row_len(p, b), p), chunk);
+      if (s > 1) mine += s;
+    }
+    split_items = plan_reduce<false>(mine, scratch);
+    if (split_items <= p.ws_cap) break;
+    chunk *= 2;
+  }
+
+  /* Exclusive scan of (split items, whole rows) over the rows, kPlanThreads
+   * rows at a time; split items go first, whole rows after them. */
+  __shared__ long long warp_sum[kPlanThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  long long base_split = 0, base_whole = PVLK_MUTANT(9) ? 0 : split_items;
+  for (int b0 = 0; b0 < p.n_seqs; b0 += kPlanThreads) {
+    const int b = b0 + threadIdx.x;
+    int nblk = 0, s = 0;
+    if (b < p.n_seqs) {
+      nblk = block_count(row_len(p, b), p);
+      s = row_splits(nblk, chunk);
+    }
+    /* (split items << 32) | whole rows: both stay far below 2^31. */
+    const long long v =
+        b < p.n_seqs ? (s > 1 ? (long long)s << 32 : 1ll) : 0ll;
+    long long x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2) {
+      const long long y = __shfl_sync(kFullMask, x, lane >= o ? lane - o : 0);
+      if (lane >= o) x += y;
+    }
+    if (lane == 31) warp_sum[warp] = x;
+    __syncthreads();
+    long long before = 0, all = 0;
+    for (int w = 0; w < kPlanThreads / 32; ++w) {
+      if (w < warp) before += warp_sum[w];
+      all += warp_sum[w];
+    }
+    __syncthreads(); /* warp_sum is rewritten by the next round */
+    const long long ex = before + x - v;
+    if (b < p.n_seqs) {
+      int32_t *rs = p.row_split + 2 * (int64_t)b;
+      if (s > 1) {
+        const long long first = base_split + (ex >> 32);
+        rs[0] = s;
+        rs[1] = (int32_t)first;
+        for (int i = 0; i < s; ++i) {
+          const int lo = (int)((int64_t)i * nblk / s);
+          const int hi = (int)((int64_t)(i + 1) * nblk / s) -
+                         (int)(PVLK_MUTANT(8) && i == s - 1);
+          int32_t *w = p.work + 4 * (first + i);
+          w[0] = b;
+          w[1] = lo;
+          w[2] = hi - lo;
+          w[3] = i;
+        }
+      } else {
+        rs[0] = 1;
+        rs[1] = 0;
+        int32_t *w = p.work + 4 * (base_whole + (ex & 0xffffffffll));
+        w[0] = b;
+        w[1] = 0;
+        w[2] = nblk;
+        w[3] = 0;
+      }
+    }
+    base_split += all >> 32;
+    base_whole += all & 0xffffffffll;
+  }
+  if (threadIdx.x == 0) *p.n_items = (int32_t)base_whole;
 }
 
 /* Reduces SZ values per lane across the lanes of an O*2-wide group: at each
@@ -162,18 +298,18 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
   const bool p_writer = (c % DUP) == 0;
   const bool head_writer = p_writer && (grp % LPH) == 0;
 
+  /* The grid covers the capacity; CTAs past the planned items have none. */
   int x = blockIdx.x;
-  const int split = x % p.splits;
-  x /= p.splits;
   const int chunk = x % p.chunks;
   x /= p.chunks;
   const int kvh = x % p.num_kv_heads;
-  const int b = x / p.num_kv_heads;
-
+  const int item = x / p.num_kv_heads;
+  if (item >= *p.n_items) return;
+  const int32_t *work = p.work + 4 * (int64_t)item;
+  const int b = work[0], blk_begin = work[1], item_blocks = work[2],
+            split = work[3];
+  const int nsplit = p.row_split[2 * (int64_t)b];
   const int len = row_len(p, b);
-  const int nblk = block_count(len, p);
-  int chunk_blocks, eff;
-  split_layout(nblk, p, chunk_blocks, eff);
 
   const int g0 = chunk * kMaxGroup;
   const int gcount = cmin(GMAX, p.group - g0);
@@ -181,18 +317,15 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
       (int64_t)b * p.num_q_heads + (int64_t)kvh * p.group + g0;
   T *out = static_cast<T *>(p.out);
 
-  if (split >= eff) {
-    /* Without splits an empty row is written here; with splits the combine
-     * kernel writes it, and an empty split has nothing to contribute. */
-    if (p.splits == 1)
-      for (int v = threadIdx.x; v < gcount * TPR; v += kThreads)
-        *reinterpret_cast<uint4 *>(out + (qrow0 + v / TPR) * HD +
-                                   (v % TPR) * 8) = make_uint4(0, 0, 0, 0);
+  if (item_blocks == 0) {
+    /* An empty row is one item (never split): its zeros are written here. */
+    for (int v = threadIdx.x; v < gcount * TPR; v += kThreads)
+      *reinterpret_cast<uint4 *>(out + (qrow0 + v / TPR) * HD +
+                                 (v % TPR) * 8) = make_uint4(0, 0, 0, 0);
     return;
   }
 
-  const int blk_begin = split * chunk_blocks;
-  const int blk_end = cmin(nblk, blk_begin + chunk_blocks);
+  const int blk_end = blk_begin + item_blocks;
   const int tb = blk_begin << p.log_block;
   const int te = (int)min((int64_t)len, (int64_t)blk_end << p.log_block);
   const int ntiles = (te - tb + TT - 1) / TT;
@@ -443,13 +576,15 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
       }
     }
     const int64_t row = qrow0 + g;
-    if (p.splits == 1) {
+    if (nsplit == 1) {
       const float inv = head_l[g] > 0.f ? 1.f / head_l[g] : 0.f;
 #pragma unroll
       for (int e = 0; e < 8; ++e) o[e] *= inv;
       *reinterpret_cast<uint4 *>(out + row * HD + cc * 8) = pack8<T>(o);
     } else {
-      const int64_t slot = row * p.splits + split;
+      const int64_t slot =
+          (int64_t)p.row_split[2 * (int64_t)b + 1] * p.num_q_heads +
+          (row - (int64_t)b * p.num_q_heads) * nsplit + split;
       float4 *d = reinterpret_cast<float4 *>(p.ws_acc + slot * HD + cc * 8);
       d[0] = make_float4(o[0], o[1], o[2], o[3]);
       d[1] = make_float4(o[4], o[5], o[6], o[7]);
@@ -458,8 +593,9 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
   }
 }
 
-/* One warp per (row, query head): log-sum-exp merge of the row's non-empty
- * splits; rows with no tokens get zeros. */
+/* One warp per (row, query head): log-sum-exp merge of the splits of a row
+ * that was cut; the decode kernel stored every other row itself (empty
+ * rows are never cut). */
 template <typename T, int HD>
 __global__ void __launch_bounds__(kThreads) combine_kernel(const Params p) {
   constexpr int EPL = HD / 32; /* dims per lane */
@@ -467,14 +603,16 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const Params p) {
   const int64_t row = (int64_t)blockIdx.x * kWarps + threadIdx.x / 32;
   if (row >= (int64_t)p.n_seqs * p.num_q_heads) return;
   const int b = (int)(row / p.num_q_heads);
-  int chunk_blocks, eff;
-  split_layout(block_count(row_len(p, b), p), p, chunk_blocks, eff);
+  const int eff = p.row_split[2 * (int64_t)b];
+  if (eff <= 1) return;
 
   float o[EPL];
 #pragma unroll
   for (int e = 0; e < EPL; ++e) o[e] = 0.f;
-  if (eff > 0) {
-    const int64_t slot0 = row * p.splits;
+  {
+    const int64_t slot0 =
+        (int64_t)p.row_split[2 * (int64_t)b + 1] * p.num_q_heads +
+        (row - (int64_t)b * p.num_q_heads) * eff;
     const float2 ml =
         lane < eff ? p.ws_ml[slot0 + lane] : make_float2(neg_inf(), 0.f);
     float mx = ml.x;

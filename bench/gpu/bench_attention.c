@@ -219,25 +219,127 @@ static result run_case(uint32_t batch, uint32_t ctx, double keep,
   return res;
 }
 
+/* Graph-replay time per call (us) of a batch whose row b holds len[b]
+ * prompt tokens (plus one decode slot) in every layer, bf16, uncompacted:
+ * the skewed-vs-balanced pair below. */
+static double run_lengths(uint32_t batch, const uint32_t *len, uint32_t hq,
+                          uint32_t hkv, uint32_t d, uint32_t bs, int l2) {
+  pvl_cache *cache = NULL;
+  const size_t row = (size_t)hkv * d;
+  uint64_t tokens = 0;
+  uint32_t longest = 0;
+  for (uint32_t b = 0; b < batch; b++) {
+    tokens += len[b] + 1;
+    if (len[b] > longest) longest = len[b];
+  }
+  /* Rotate over enough layers that one rotation reads >= 3 x L2. */
+  const double per_layer = (double)tokens * row * 2 * 2;
+  uint32_t layers = (uint32_t)ceil(3.0 * l2 / per_layer);
+  if (layers < 4) layers = 4;
+  pvl_config cfg;
+  pvl_config_init(&cfg);
+  cfg.backend = PVL_BACKEND_CUDA;
+  cfg.dtype = PVL_DTYPE_BF16;
+  cfg.num_layers = layers;
+  cfg.num_q_heads = hq;
+  cfg.num_kv_heads = hkv;
+  cfg.head_dim = d;
+  cfg.block_size = bs;
+  cfg.num_blocks = (uint32_t)((tokens / bs + 2 * batch) * layers + 64);
+  CK(pvl_cache_create(&cfg, &cache));
+  uint16_t *h = malloc((size_t)longest * row * 2);
+  for (size_t i = 0; i < (size_t)longest * row; i++) h[i] = rand_bf16();
+  void *dkv;
+  CU(cudaMalloc(&dkv, (size_t)longest * row * 2));
+  CU(cudaMemcpy(dkv, h, (size_t)longest * row * 2, cudaMemcpyHostToDevice));
+  pvl_seq_id *seqs = malloc(batch * sizeof(pvl_seq_id));
+  for (uint32_t b = 0; b < batch; b++) {
+    CK(pvl_seq_add(cache, len[b], NULL, 0, &seqs[b]));
+    for (uint32_t l = 0; l < layers; l++)
+      CK(pvl_kv_write(cache, seqs[b], l, 0, len[b], dkv, dkv, NULL));
+  }
+  CK(pvl_seq_append(cache, seqs, batch, NULL));
+  pvl_plan *plan;
+  CK(pvl_plan_create(cache, batch, 0, &plan));
+  CK(pvl_plan_build(plan, seqs, batch, NULL));
+  const size_t qn = (size_t)batch * hq * d;
+  void *q, *out;
+  CU(cudaMalloc(&q, qn * 2));
+  CU(cudaMalloc(&out, qn * 2));
+  uint16_t *hq16 = malloc(qn * 2);
+  for (size_t i = 0; i < qn; i++) hq16[i] = rand_bf16();
+  CU(cudaMemcpy(q, hq16, qn * 2, cudaMemcpyHostToDevice));
+  free(hq16);
+  for (uint32_t l = 0; l < layers; l++)
+    CK(pvl_plan_kv_write(plan, l, dkv, dkv, NULL));
+  CU(cudaDeviceSynchronize());
+  cudaStream_t s;
+  CU(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  const int calls = layers < 8 ? 2 * (int)layers : (int)layers;
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < calls; i++)
+    CK(pvl_attention_decode(plan, (uint32_t)i % layers, q, out, 0, s));
+  CU(cudaStreamEndCapture(s, &graph));
+  CU(cudaGraphInstantiate(&exec, graph, 0));
+  const double us = time_calls(cache, plan, layers, calls, q, out, s, exec);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(s);
+  cudaFree(q);
+  cudaFree(out);
+  cudaFree(dkv);
+  pvl_plan_destroy(plan);
+  pvl_cache_destroy(cache);
+  free(h);
+  free(seqs);
+  return us;
+}
+
+/* Issue 9's skew target: 63 x 4K + 1 x 128K tokens against 64 rows of the
+ * same total (6080 each), bf16, 8 KV heads, 32 query heads, head_dim 128;
+ * the split plan follows the real lengths, so the skewed batch should take
+ * at most 1.3 x the balanced one's time. */
+static void skew_pair(int l2) {
+  enum { B = 64 };
+  uint32_t skew[B], flat[B];
+  for (int b = 0; b < B; b++) {
+    skew[b] = b + 1 == B ? 131072 : 4096;
+    flat[b] = (63 * 4096 + 131072) / B;
+  }
+  const double us_skew = run_lengths(B, skew, 32, 8, 128, 16, l2);
+  const double us_flat = run_lengths(B, flat, 32, 8, 128, 16, l2);
+  printf("# skew: 63 x 4096 + 1 x 131072 tokens %.2f us/call, balanced "
+         "64 x %u tokens %.2f us/call, ratio %.3f (target <= 1.3)\n",
+         us_skew, flat[0], us_flat, us_skew / us_flat);
+  fflush(stdout);
+}
+
 static int usage(int rc) {
-  printf("usage: bench_attention [--quick] [--case BATCH,CTX]... [--keep K]\n"
+  printf("usage: bench_attention [--quick] [--case BATCH,CTX]... [--keep K] "
+         "[--skew]\n"
          "bf16, 8 KV heads, 32 query heads, head_dim 128, block 16;\n"
          "default: contexts 2K..128K x batch 1..128 at keep 1.0 and 0.1.\n"
          "--case times only the named cases (repeatable), --keep only that\n"
          "keep ratio in (0, 1]. Columns: us_per_call from a CUDA graph\n"
          "replay (the kernels' time), us_eager launched one by one, the\n"
-         "layers rotated over (>= 3 x L2 read per rotation).\n");
+         "layers rotated over (>= 3 x L2 read per rotation).\n"
+         "--skew times only the skewed-vs-balanced pair (63 x 4K + 1 x 128K\n"
+         "tokens against 64 x 6080), which a default run times last.\n");
   return rc;
 }
 
 int main(int argc, char **argv) {
   enum { MAX_CASES = 64 };
   uint32_t cb[MAX_CASES], cc[MAX_CASES];
-  int n_cases = 0, quick = 0;
+  int n_cases = 0, quick = 0, skew_only = 0;
   double only_keep = 0.0;
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--quick")) {
       quick = 1;
+    } else if (!strcmp(argv[i], "--skew")) {
+      skew_only = 1;
     } else if (!strcmp(argv[i], "--case") && i + 1 < argc) {
       unsigned b = 0, c = 0;
       char tail = 0;
@@ -269,6 +371,10 @@ int main(int argc, char **argv) {
   const double copy_bw = copy_bandwidth();
   printf("# device: %s, L2 %.0f MB, copy bandwidth (read+write): %.0f GB/s\n",
          prop.name, l2 / 1e6, copy_bw / 1e9);
+  if (skew_only) {
+    skew_pair(l2);
+    return 0;
+  }
   printf("batch,context,keep,layers,us_per_call,us_eager,bytes,GB_per_s,"
          "fraction_of_copy\n");
   const uint32_t ctxs[] = {2048, 4096, 8192, 32768, 131072};
@@ -302,5 +408,6 @@ int main(int argc, char **argv) {
              r.gbs * 1e9 / copy_bw);
       fflush(stdout);
     }
+  if (!named) skew_pair(l2);
   return 0;
 }

@@ -34,6 +34,13 @@
 #include "emu_ref.h"
 #include "emu_selftest.h"
 
+/* kernels/attention_decode.cu, emulator builds only. */
+extern "C" pvl_status pvl_emu_attention_row_splits(const void *workspace,
+                                                   const pvl_kv_geom *g,
+                                                   int32_t n_seqs,
+                                                   int32_t num_q_heads,
+                                                   int32_t *splits);
+
 namespace {
 
 /* Variants the kernels carry under PVLK_MUTANT(n) (kernels/). */
@@ -46,6 +53,9 @@ const char *const kMutants[] = {
     "observe pass 1: no __syncthreads before a stage is refilled",
     "copy kernels: the grid-stride loop drops the last vector",
     "decode combine: the split weights skip the last split",
+    "decode plan: a cut row's last range drops its last block",
+    "decode plan: whole rows' items overwrite the split rows' items",
+    "decode plan: the chunk is the longest row (a skewed batch is not cut)",
 };
 constexpr int kNumMutants = (int)(sizeof(kMutants) / sizeof(kMutants[0])) - 1;
 
@@ -186,6 +196,14 @@ struct AttnCase {
   float qscale;
   int64_t empty_row;
   int sms;
+  /* Skew: when non-zero the last row has long_len tokens (the others stay
+   * up to max_len), and with empty_others every other row has none. */
+  uint32_t long_len = 0;
+  bool empty_others = false;
+  /* The plan the case expects (with long_len): the long row cut into
+   * exactly long_splits splits (> 0) or at least -long_splits (< 0), every
+   * other row whole; 0 checks nothing. */
+  int long_splits = 0;
 };
 
 bool attention_case(const AttnCase &a) {
@@ -195,6 +213,7 @@ bool attention_case(const AttnCase &a) {
   uint64_t need = 16;
   for (uint32_t b = 0; b < a.batch; ++b) {
     len[b] = 1 + rng_below(a.max_len);
+    if (a.long_len && b == a.batch - 1) len[b] = a.long_len;
     need += len[b] / a.bs + 2;
   }
   pvl_cache *c = make_cache(a.dt, 1, hq, a.hkv, a.d, a.bs, (uint32_t)need);
@@ -271,6 +290,11 @@ bool attention_case(const AttnCase &a) {
     CPU_OK(c, pvl_seq_retain(c, ids[a.empty_row], 0, nullptr, 0, nullptr));
     CPU_OK(c, pvl_plan_build(pg.p, ids.data(), a.batch, nullptr));
   }
+  if (a.empty_others) {
+    for (uint32_t b = 0; b + 1 < a.batch; ++b)
+      CPU_OK(c, pvl_seq_retain(c, ids[b], 0, nullptr, 0, nullptr));
+    CPU_OK(c, pvl_plan_build(pg.p, ids.data(), a.batch, nullptr));
+  }
 
   /* The plan reaches the emulated kernel through the plan scatter: every
    * element as an (index, value) pair, shuffled, with padding. */
@@ -323,6 +347,24 @@ bool attention_case(const AttnCase &a) {
            !isnan(g) && fabsf(g - r) <= 1e-3f + fabsf(r) * eps,
            "element %zu (row %zu head %zu): emulated %g cpu %g", i,
            i / ((size_t)hq * a.d), i / a.d % hq, (double)g, (double)r);
+  }
+  if (a.long_splits != 0) {
+    /* Right values do not show that the work was balanced: read the plan
+     * the launch made. */
+    std::vector<int32_t> splits(a.batch);
+    EXPECT("attention plan",
+           pvl_emu_attention_row_splits(ws.p(), &geom, (int32_t)a.batch,
+                                        (int32_t)hq,
+                                        splits.data()) == PVL_SUCCESS,
+           "no plan");
+    const int32_t got = splits[a.batch - 1];
+    EXPECT("attention plan",
+           a.long_splits > 0 ? got == a.long_splits : got >= -a.long_splits,
+           "long row cut into %d splits, expected %s%d", (int)got,
+           a.long_splits > 0 ? "" : ">= ", abs(a.long_splits));
+    for (uint32_t b = 0; b + 1 < a.batch; ++b)
+      EXPECT("attention plan", splits[b] == 1, "short row %u cut into %d",
+             b, (int)splits[b]);
   }
   return true;
 }
@@ -522,9 +564,10 @@ void suite(bool full) {
   auto attn = [&](const AttnCase &a) {
     snprintf(name, sizeof(name),
              "attention dt=%d d=%u bs=%u hkv=%u gqa=%u batch=%u max_len=%u "
-             "qscale=%g empty_row=%lld sms=%d",
+             "qscale=%g empty_row=%lld sms=%d long_len=%u empty_others=%d",
              (int)a.dt, a.d, a.bs, a.hkv, a.gqa, a.batch, a.max_len,
-             (double)a.qscale, (long long)a.empty_row, a.sms);
+             (double)a.qscale, (long long)a.empty_row, a.sms, a.long_len,
+             (int)a.empty_others);
     run(name, [&] { return attention_case(a); });
   };
   auto obs = [&](pvl_dtype dt, uint32_t d, uint32_t bs, uint32_t gqa,
@@ -586,8 +629,27 @@ void suite(bool full) {
   rng_state = 0x9abd;
   attn({PVL_DTYPE_F16, 128, 16, 8, 4, 36, full ? 600u : 60u, 2.0f, 5, 132});
   attn({PVL_DTYPE_BF16, 64, 32, 2, 2, 5, 300, 16.0f, 0, 4});
-  /* A split batch with an empty row: the combine pass writes its zeros. */
+  /* A split batch with an empty row: the row is one item and the decode
+   * kernel writes its zeros. */
   attn({PVL_DTYPE_BF16, 128, 16, 2, 4, 3, full ? 5000u : 1500u, 2.0f, 1, 132});
+
+  /* Skew (issue 9): the split plan follows the real lengths. 15 short rows
+   * and one long row: at 132 SMs the long row takes kMaxSplits splits, the
+   * short ones stay whole (split items first, whole rows after them); at 4
+   * SMs the chunk comes from the total work (a few splits). */
+  rng_state = 0x9abf;
+  attn({PVL_DTYPE_F16, 128, 16, 2, 4, 16, 100, 2.0f, 3, 132,
+        full ? 20000u : 5000u, false, 32});
+  attn({PVL_DTYPE_BF16, 64, 32, 2, 2, 16, 150, 2.0f, -1, 4,
+        full ? 9000u : 3000u, false, -2});
+  /* One long row alone at 4 SMs; every row empty but the last (one item
+   * per empty row, zeroed by the decode kernel next to a cut row). */
+  attn({PVL_DTYPE_F16, 64, 16, 2, 8, 1, 100, 2.0f, -1, 4, 2500u, false, 8});
+  attn({PVL_DTYPE_BF16, 128, 32, 2, 4, 6, 100, 16.0f, -1, 132, 1800u, true,
+        15});
+  /* No split capacity at all (1 SM, 8 KV heads: fewer CTA slots than CTAs
+   * per item): every row whole, no combine pass. */
+  attn({PVL_DTYPE_F16, 128, 16, 8, 2, 6, 300, 2.0f, 2, 1, 800u, false, 1});
 
   /* Peaky softmax (queries x16): the running-max rescale between tiles and
    * between splits matters. */

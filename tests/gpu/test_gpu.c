@@ -175,16 +175,18 @@ static float tol_eps(pvl_dtype dt) { return dt == PVL_DTYPE_BF16 ? 1e-2f : 1e-3f
  * uniform in [-qscale, qscale): 2 gives near-uniform softmax, 16 a peaky
  * one where a wrong rescale of the running max shows. empty_row >= 0: that
  * row's layer is emptied (retain of nothing) after the kv_write, so the
- * kernel meets a zero-token row. */
-static void attention_case_ex(pvl_dtype dt, uint32_t d, uint32_t bs,
-                              uint32_t hkv, uint32_t gqa, uint32_t batch,
-                              uint32_t max_len, float qscale,
-                              int64_t empty_row) {
+ * kernel meets a zero-token row. long_len > 0: a skewed batch instead, every
+ * row max_len tokens but the last, which has long_len. */
+static void attention_case_skew(pvl_dtype dt, uint32_t d, uint32_t bs,
+                                uint32_t hkv, uint32_t gqa, uint32_t batch,
+                                uint32_t max_len, float qscale,
+                                int64_t empty_row, uint32_t long_len) {
   const uint32_t hq = hkv * gqa, layers = 2;
   uint64_t need = 0;
   uint32_t *len = malloc(batch * sizeof(uint32_t));
   for (uint32_t b = 0; b < batch; b++) {
-    len[b] = 1 + rng_below(max_len);
+    len[b] = long_len ? (b + 1 == batch ? long_len : max_len)
+                      : 1 + rng_below(max_len);
     need += (len[b] / bs + 2) * layers;
   }
   twin t = twin_make(dt, layers, hq, hkv, d, bs, (uint32_t)need + 16);
@@ -218,12 +220,12 @@ static void attention_case_ex(pvl_dtype dt, uint32_t d, uint32_t bs,
     }
     OK2(&t, pvl_attention_decode(pc, l, q, out, 0.0f, NULL),
         pvl_attention_decode(pg, l, dq, dout, 0.0f, NULL));
-    char what[160];
+    char what[200];
     snprintf(what, sizeof(what),
              "attention dt=%d d=%u bs=%u hkv=%u gqa=%u batch=%u max_len=%u "
-             "qscale=%g empty_row=%lld layer=%u",
+             "qscale=%g empty_row=%lld long_len=%u layer=%u",
              (int)dt, d, bs, hkv, gqa, batch, max_len, (double)qscale,
-             (long long)empty_row, l);
+             (long long)empty_row, long_len, l);
     expect_close(dt, out, dout, nq, 1e-3f, tol_eps(dt), what);
     cudaFree(dk);
     cudaFree(dv);
@@ -240,6 +242,14 @@ static void attention_case_ex(pvl_dtype dt, uint32_t d, uint32_t bs,
   free(len);
   free(sc);
   free(sg);
+}
+
+static void attention_case_ex(pvl_dtype dt, uint32_t d, uint32_t bs,
+                              uint32_t hkv, uint32_t gqa, uint32_t batch,
+                              uint32_t max_len, float qscale,
+                              int64_t empty_row) {
+  attention_case_skew(dt, d, bs, hkv, gqa, batch, max_len, qscale, empty_row,
+                      0);
 }
 
 static void attention_case(pvl_dtype dt, uint32_t d, uint32_t bs,
@@ -291,6 +301,21 @@ Test(gpu, attention_one_split_per_row_with_empty_row) {
   attention_case_ex(PVL_DTYPE_BF16, 64, 32, hkv, 1, batch, 300, 16.0f, 0);
   /* And a split batch with an empty row, so both paths meet one. */
   attention_case_ex(PVL_DTYPE_BF16, 128, 16, 2, 4, 3, 5000, 2.0f, 1);
+}
+
+/* Skewed batches (issue 9): the split plan is made on the device from the
+ * real lengths, so one long row among many short ones is cut into many
+ * items while the short rows stay whole. 63 x 4K + 1 x 128K tokens at 8 KV
+ * heads (the case bench_attention times against a balanced batch), a
+ * skewed batch with an empty row, and one where the long row is short
+ * enough to stay whole next to the others. */
+Test(gpu, attention_skewed_batch) {
+  require_gpu();
+  rng_state = 0x9ac0;
+  attention_case_skew(PVL_DTYPE_F16, 128, 16, 8, 4, 64, 4096, 2.0f, -1,
+                      131072);
+  attention_case_skew(PVL_DTYPE_BF16, 64, 32, 2, 8, 16, 300, 16.0f, 3, 20000);
+  attention_case_skew(PVL_DTYPE_BF16, 128, 16, 8, 2, 40, 1000, 2.0f, 0, 2000);
 }
 
 /* Peaky softmax: queries scaled by 16 give logits with a std of about 5
