@@ -902,6 +902,11 @@ PVL_API pvl_status pvl_policy_rows(const pvl_policy *policy,
  * and head; nothing accumulated); Inf/NaN in the layer's K, a logit that
  * overflows float, or (CUDA) a non-finite q leave non-finite per-key sums,
  * which pvl_compress and pvl_decode_cap refuse (see the conventions).
+ * CPU: the call uses up to PVL_CPU_THREADS threads (an environment variable
+ * read at cache creation; default min(2, online CPUs)), started and joined
+ * within the call, and the widest of its generic, AVX2 and AVX-512 code the
+ * CPU runs (PVL_CPU_ISA = generic or avx2 lowers it); the result is
+ * bit-identical for every thread count and ISA.
  * CUDA: the call queues its work on `stream` and returns without waiting
  * for the device; the sums stay there until pvl_compress (all layers, one
  * wait), pvl_decode_cap or pvl_seq_observation reads them, so a whole

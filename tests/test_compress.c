@@ -4,6 +4,7 @@
  * returns exactly the memory it promises and keeps exactly the data it
  * reports, failures change nothing, forks survive, and the decode cap holds.
  * Expected values come from independent reference code in this file. */
+#define _POSIX_C_SOURCE 200809L /* setenv */
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdio.h>
@@ -414,6 +415,79 @@ Test(observe, matches_reference_after_retain_and_decode) {
     hk_free(&h);
     pvl_cache_destroy(c);
   }
+}
+
+/* The CPU observation splits its rows into units of 128 and may run them
+ * on several threads and in AVX2 or AVX-512 copies (PVL_CPU_THREADS,
+ * PVL_CPU_ISA, read at cache creation). Over a prompt long enough for many
+ * units, rounds and threads, observed in two chunks that do not align with
+ * the units: the same bits for every thread count and instruction set
+ * (an ISA the machine lacks falls back to one it has), and the dense
+ * reference's values. */
+Test(observe, same_bits_for_any_threads_and_isa) {
+  const uint32_t hq = 8, hkv = 2, d = 40, m = 700, split = 333;
+  const char *const settings[][2] = {
+      {"1", "generic"}, {"1", "avx2"}, {"1", NULL}, {"2", NULL},
+      {"3", "generic"}, {"5", "avx2"}, {"2", NULL}};
+  const size_t n_set = sizeof(settings) / sizeof(settings[0]);
+  double *raw0 = malloc(m * sizeof(double));
+  uint32_t *seen0 = malloc(m * sizeof(uint32_t));
+  uint64_t below0[8], total0[8];
+  for (size_t si = 0; si < n_set; si++) {
+    cr_assert_eq(setenv("PVL_CPU_THREADS", settings[si][0], 1), 0);
+    if (settings[si][1])
+      cr_assert_eq(setenv("PVL_CPU_ISA", settings[si][1], 1), 0);
+    else
+      cr_assert_eq(unsetenv("PVL_CPU_ISA"), 0);
+    rng r = rseed(77);
+    pvl_cache *c = mk_cache(1, hq, hkv, d, 16, 200);
+    pvl_seq_id fill[8];
+    uint32_t nf;
+    pvl_seq_id s = add_fragmented(c, &r, m, NULL, 0, fill, &nf);
+    hostkv h = hk_new(1, hq, hkv, d, m);
+    hk_write(c, s, &h, &r, 0, m, 0, 1.5f);
+    float *q = rand_q(&r, m, hq, d, 1.5f);
+    TU_OK(c, pvl_observe(c, s, 0, q, 0, split, 0.01f, 0.0f, NULL));
+    TU_OK(c, pvl_observe(c, s, 0, q + (size_t)split * hq * d, split, m - split,
+                         0.01f, 0.0f, NULL));
+    const pvl_obs *o = pvl__seq_get(c, s)->obs[0];
+    cr_assert_eq(o->n_keys, m);
+    if (si == 0) {
+      uint32_t *kpos = malloc(m * sizeof(uint32_t));
+      for (uint32_t j = 0; j < m; j++) kpos[j] = j;
+      refobs ref = ref_new(m, hq);
+      ref_observe(h.k[0], kpos, m, q, 0, m, hq, hkv, d, 1.0 / sqrt((double)d),
+                  log(0.01), &ref);
+      compare_obs(c, s, 0, &ref, m, m, hq, "700 rows, 1 thread, generic");
+      ref_free(&ref);
+      free(kpos);
+      memcpy(raw0, o->raw, m * sizeof(double));
+      memcpy(seen0, o->seen, m * sizeof(uint32_t));
+      memcpy(below0, o->below, sizeof(below0));
+      memcpy(total0, o->total, sizeof(total0));
+    } else {
+      for (uint32_t j = 0; j < m; j++) {
+        cr_assert(memcmp(&o->raw[j], &raw0[j], sizeof(double)) == 0,
+                  "threads %s, isa %s: raw[%u] = %.17g, 1 thread generic "
+                  "%.17g",
+                  settings[si][0], settings[si][1] ? settings[si][1] : "best",
+                  j, o->raw[j], raw0[j]);
+        cr_assert_eq(o->seen[j], seen0[j]);
+      }
+      for (uint32_t hh = 0; hh < hq; hh++) {
+        cr_assert_eq(o->below[hh], below0[hh], "head %u", hh);
+        cr_assert_eq(o->total[hh], total0[hh], "head %u", hh);
+      }
+    }
+    free(q);
+    hk_free(&h);
+    CHECK_CACHE(c);
+    pvl_cache_destroy(c);
+  }
+  unsetenv("PVL_CPU_THREADS");
+  unsetenv("PVL_CPU_ISA");
+  free(raw0);
+  free(seen0);
 }
 
 /* ======================================================================== */
