@@ -17,4 +17,10 @@
 #define pvlk_select_top pvl_emu_select_top
 #define pvlk_observe_accumulate pvl_emu_observe_accumulate
 #define pvlk_last_cuda_error pvl_emu_last_cuda_error
+/* And the kernels' C++ namespace: the emulated templates, inline helpers
+ * (sm_count, launch_status, set_max_smem_once) and __global__ functions
+ * would otherwise have the same mangled names as the real ones in a CUDA
+ * build, and the linker would merge the two (an ODR violation: one binary
+ * silently calling the other's code) or refuse the duplicate. */
+#define pvlk pvlk_emu
 #endif
