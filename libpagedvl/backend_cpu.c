@@ -666,13 +666,17 @@ typedef struct obs_ws {
   float *kt;       /* [ld / OBS_KT][d][OBS_KT] the unit's keys, transposed */
   float *qf;       /* [nqp][d] a batch's query vectors */
   float *lg;       /* [nqp][ld] their logits, then exponentials */
-  double *part[2]; /* [ld] a unit's per-key sums, even and odd rounds */
-  uint32_t nv[2];  /* keys the unit of that round covered (0: none) */
   uint64_t *below; /* [hq] */
   uint64_t *total; /* [hq] */
 } obs_ws;
 
-/* What every thread of one call reads. */
+/* One call's work. Threads claim units in order and sum each into a slot of
+ * a ring; the finished units are added into raw strictly in unit order,
+ * under the lock, by whichever thread completes the next one. A unit waits
+ * for its slot until the unit S before it has been added, so a thread that
+ * is descheduled holds up the others by at most S units, never a barrier
+ * per round (on a loaded machine, rounds kept every thread waiting for the
+ * slowest). */
 typedef struct obs_job {
   const pvl_cache *c;
   const pvl_table *t;
@@ -683,15 +687,25 @@ typedef struct obs_job {
   size_t ld; /* logits row stride: the most keys, rounded up to OBS_KT */
   obs_ws *ws;
   double *raw;
-  void (*unit)(const struct obs_job *, obs_ws *, uint32_t, int);
-  pthread_barrier_t bar; /* between rounds, when n_threads > 1 */
+  uint32_t (*unit)(const struct obs_job *, obs_ws *, uint32_t, double *);
+  /* The ring: slot u % ring_n holds unit u's sums (ring_stride bytes). */
+  char *ring;
+  size_t ring_stride;
+  uint32_t ring_n;
+  uint32_t *slot_nv;  /* [ring_n] keys the slot's unit covered */
+  uint8_t *done;      /* [ring_n] the slot's unit is finished */
+  uint32_t next;      /* next unit to claim */
+  uint32_t added;     /* units added into raw */
+  int go;             /* workers: 0 wait, 1 run, -1 leave */
+  pthread_mutex_t mu; /* guards next, added, done, slot_nv, go and raw */
+  pthread_cond_t cv;
 } obs_job;
 
 /* Unit u: rows [chunk * OBS_UR, + OBS_UR) of KV head kvh, u = chunk * hkv +
- * kvh (chunk-major, so the units of a round see about as many keys and the
- * threads wait little at the barrier). Sums into ws->part[slot]. */
-OBS_INLINE void obs_unit_body(const obs_job *jb, obs_ws *ws, uint32_t u,
-                              int slot, const int isa) {
+ * kvh (chunk-major: units that follow each other see about as many keys).
+ * Sums into part[0 .. returned count). */
+OBS_INLINE uint32_t obs_unit_body(const obs_job *jb, obs_ws *ws, uint32_t u,
+                                  double *part, const int isa) {
   const pvl_cache *c = jb->c;
   const pvl_kv_geom *g = &c->geom;
   const int32_t d = g->head_dim, hkv = g->num_kv_heads;
@@ -701,9 +715,7 @@ OBS_INLINE void obs_unit_body(const obs_job *jb, obs_ws *ws, uint32_t u,
   const uint32_t r0 = (u / (uint32_t)hkv) * OBS_UR;
   const uint32_t r1 = jb->n_rows - r0 < OBS_UR ? jb->n_rows : r0 + OBS_UR;
   const uint32_t nv = jb->vis[r1 - 1];
-  double *part = ws->part[slot];
-  ws->nv[slot] = nv;
-  if (nv == 0) return;
+  if (nv == 0) return 0;
 
   /* The unit's keys, converted once and transposed by tiles; the slots past
    * the last key are zeros (their logits are never read). */
@@ -753,107 +765,111 @@ OBS_INLINE void obs_unit_body(const obs_job *jb, obs_ws *ws, uint32_t u,
       }
     }
   }
+  return nv;
 }
 
 /* obs_unit_body compiled for each ISA the machine may have: the vector
  * code maps to SSE2 on plain x86-64, which has too few registers for the
  * accumulators; the wider ISAs run the same lane-wise operations in fewer
  * instructions, with bit-identical results (no FMA contraction, above). */
-static void obs_unit_generic(const obs_job *jb, obs_ws *ws, uint32_t u,
-                             int slot) {
-  obs_unit_body(jb, ws, u, slot, 0);
+static uint32_t obs_unit_generic(const obs_job *jb, obs_ws *ws, uint32_t u,
+                                 double *part) {
+  return obs_unit_body(jb, ws, u, part, 0);
 }
 #if OBS_X86
-__attribute__((target("avx2"))) static void
-obs_unit_avx2(const obs_job *jb, obs_ws *ws, uint32_t u, int slot) {
-  obs_unit_body(jb, ws, u, slot, 1);
+__attribute__((target("avx2"))) static uint32_t
+obs_unit_avx2(const obs_job *jb, obs_ws *ws, uint32_t u, double *part) {
+  return obs_unit_body(jb, ws, u, part, 1);
 }
-__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw"))) static void
-obs_unit_avx512(const obs_job *jb, obs_ws *ws, uint32_t u, int slot) {
-  obs_unit_body(jb, ws, u, slot, 2);
+__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw"))) static uint32_t
+obs_unit_avx512(const obs_job *jb, obs_ws *ws, uint32_t u, double *part) {
+  return obs_unit_body(jb, ws, u, part, 2);
 }
 #endif
 
-/* Thread tid of the call: units tid, tid + T, ... in rounds of T, with one
- * barrier per round. Right after a round's barrier thread 0 adds that
- * round's unit sums into raw in unit order, while the others go on with
- * the next round into their other buffer; the next barrier orders that
- * add before the buffer is used again. */
+static void obs_lock(obs_job *jb) {
+  if (jb->n_threads > 1) pthread_mutex_lock(&jb->mu);
+}
+static void obs_unlock(obs_job *jb) {
+  if (jb->n_threads > 1) pthread_mutex_unlock(&jb->mu);
+}
+
+/* Thread tid of the call: claims units until none is left (see obs_job). */
 static void obs_run(obs_job *jb, uint32_t tid) {
-  const uint32_t T = jb->n_threads;
-  const uint32_t rounds = (jb->n_units + T - 1) / T;
-  for (uint32_t k = 0; k < rounds; k++) {
-    const int slot = (int)(k & 1u);
-    const uint32_t u = k * T + tid;
-    jb->ws[tid].nv[slot] = 0;
-    if (u < jb->n_units) jb->unit(jb, &jb->ws[tid], u, slot);
-    if (T > 1) pthread_barrier_wait(&jb->bar);
-    if (tid == 0)
-      for (uint32_t w = 0; w < T; w++) {
-        const obs_ws *ws = &jb->ws[w];
-        for (uint32_t j = 0; j < ws->nv[slot]; j++)
-          jb->raw[j] += ws->part[slot][j];
-      }
+  const uint32_t S = jb->ring_n;
+  for (;;) {
+    obs_lock(jb);
+    if (jb->next == jb->n_units) {
+      obs_unlock(jb);
+      return;
+    }
+    const uint32_t u = jb->next++;
+    while (u >= S && jb->added <= u - S) pthread_cond_wait(&jb->cv, &jb->mu);
+    obs_unlock(jb);
+    double *part = (double *)(jb->ring + (size_t)(u % S) * jb->ring_stride);
+    const uint32_t nv = jb->unit(jb, &jb->ws[tid], u, part);
+    obs_lock(jb);
+    jb->slot_nv[u % S] = nv;
+    jb->done[u % S] = 1;
+    while (jb->added < jb->n_units && jb->done[jb->added % S]) {
+      const uint32_t sl = jb->added % S;
+      const double *p =
+          (const double *)(jb->ring + (size_t)sl * jb->ring_stride);
+      for (uint32_t j = 0; j < jb->slot_nv[sl]; j++) jb->raw[j] += p[j];
+      jb->done[sl] = 0;
+      jb->added++;
+    }
+    if (jb->n_threads > 1) pthread_cond_broadcast(&jb->cv);
+    obs_unlock(jb);
   }
 }
 
-/* Workers wait until the number of threads is settled (some may fail to
- * start); go < 0 tells them to leave without running. */
-typedef struct obs_start {
-  pthread_mutex_t mu;
-  pthread_cond_t cv;
-  int go;
-} obs_start;
-
 typedef struct obs_worker {
   obs_job *jb;
-  obs_start *st;
   uint32_t tid;
 } obs_worker;
 
+/* Workers wait until the number of threads is settled (some may fail to
+ * start): go < 0 tells them to leave without running. */
 static void *obs_worker_main(void *arg) {
   obs_worker *w = arg;
-  pthread_mutex_lock(&w->st->mu);
-  while (w->st->go == 0) pthread_cond_wait(&w->st->cv, &w->st->mu);
-  const int go = w->st->go;
-  pthread_mutex_unlock(&w->st->mu);
+  pthread_mutex_lock(&w->jb->mu);
+  while (w->jb->go == 0) pthread_cond_wait(&w->jb->cv, &w->jb->mu);
+  const int go = w->jb->go;
+  pthread_mutex_unlock(&w->jb->mu);
   if (go > 0) obs_run(w->jb, w->tid);
   return NULL;
 }
 
 /* Runs the job on up to `want` threads, the caller's included, started for
  * this call and joined before it returns (no state outlives the call). A
- * thread that cannot start, or a barrier that cannot be made, only means
- * fewer threads: the result does not depend on their number. */
+ * thread that cannot start only means fewer threads: the result does not
+ * depend on their number. */
 static void obs_parallel(obs_job *jb, uint32_t want) {
   pthread_t th[OBS_MAX_THREADS];
   obs_worker wk[OBS_MAX_THREADS];
-  obs_start st;
   jb->n_threads = 1;
-  if (want > 1 && pthread_mutex_init(&st.mu, NULL) == 0) {
-    if (pthread_cond_init(&st.cv, NULL) == 0) {
+  if (want > 1 && pthread_mutex_init(&jb->mu, NULL) == 0) {
+    if (pthread_cond_init(&jb->cv, NULL) == 0) {
       uint32_t started = 0;
-      st.go = 0;
+      jb->go = 0;
       for (uint32_t i = 1; i < want; i++) {
-        wk[i] = (obs_worker){jb, &st, i};
+        wk[i] = (obs_worker){jb, i};
         if (pthread_create(&th[i], NULL, obs_worker_main, &wk[i]) != 0) break;
         started++;
       }
-      const bool ok =
-          started > 0 && pthread_barrier_init(&jb->bar, NULL, started + 1) == 0;
-      jb->n_threads = ok ? started + 1 : 1;
-      pthread_mutex_lock(&st.mu);
-      st.go = ok ? 1 : -1;
-      pthread_cond_broadcast(&st.cv);
-      pthread_mutex_unlock(&st.mu);
+      pthread_mutex_lock(&jb->mu);
+      jb->n_threads = started + 1;
+      jb->go = 1;
+      pthread_cond_broadcast(&jb->cv);
+      pthread_mutex_unlock(&jb->mu);
       obs_run(jb, 0);
       for (uint32_t i = 1; i <= started; i++) pthread_join(th[i], NULL);
-      if (ok) pthread_barrier_destroy(&jb->bar);
-      pthread_cond_destroy(&st.cv);
-      pthread_mutex_destroy(&st.mu);
+      pthread_cond_destroy(&jb->cv);
+      pthread_mutex_destroy(&jb->mu);
       return;
     }
-    pthread_mutex_destroy(&st.mu);
+    pthread_mutex_destroy(&jb->mu);
   }
   obs_run(jb, 0);
 }
@@ -905,7 +921,9 @@ static pvl_status cpu_observe(pvl_cache *c, const pvl_table *t, const void *q,
   if (want > n_units) want = n_units;
   if (want < 1) want = 1;
 
-  /* Scratch: vis, then per thread kt, qf, lg, two part, below, total. */
+  /* Scratch: vis, the ring's flags and its 2 slots per thread (a thread
+   * can start its next unit while its last waits to be added), then per
+   * thread kt, qf, lg, below, total (sz_ws counts a thread's two slots). */
   const size_t ld = ((size_t)nv_max + OBS_KT - 1) / OBS_KT * OBS_KT;
   size_t rb = ld ? OBS_LG_FLOATS / ((size_t)grp * ld) : OBS_RB;
   rb = rb < 1 ? 1 : rb > OBS_RB ? OBS_RB : rb;
@@ -917,26 +935,32 @@ static pvl_status cpu_observe(pvl_cache *c, const pvl_table *t, const void *q,
   const size_t sz_cnt = obs_al((size_t)hq * sizeof(uint64_t));
   const size_t sz_ws = sz_kt + sz_qf + sz_lg + 2 * sz_part + 2 * sz_cnt;
   const size_t sz_vis = obs_al((size_t)n_rows * sizeof(uint32_t));
+  const uint32_t ring_n = 2 * (uint32_t)want;
+  const size_t sz_ring = obs_al(ring_n * (sizeof(uint32_t) + 1));
   size_t bytes;
   if (!pvl__mul_ok(sz_ws, (size_t)want, &bytes) ||
-      bytes > SIZE_MAX - sz_vis - 64)
+      bytes > SIZE_MAX - sz_vis - sz_ring - 64)
     return PVL_FAIL(c, PVL_ERR_NO_MEMORY,
                     "observe scratch for %u keys overflows size_t", nv_max);
-  bytes += sz_vis + 64;
+  bytes += sz_vis + sz_ring + 64;
   void *mem = pvl__scratch(c, bytes);
   if (!mem)
     return PVL_FAIL(c, PVL_ERR_NO_MEMORY, "observe scratch (%zu bytes)", bytes);
   char *p = (char *)(((uintptr_t)mem + 63) & ~(uintptr_t)63);
   uint32_t *vis = (uint32_t *)p;
   p += sz_vis;
+  uint32_t *slot_nv = (uint32_t *)p;
+  uint8_t *done = (uint8_t *)(slot_nv + ring_n);
+  memset(done, 0, ring_n);
+  p += sz_ring;
+  char *ring = p;
+  p += (size_t)ring_n * sz_part;
   obs_ws ws[OBS_MAX_THREADS];
   for (uint64_t w = 0; w < want; w++) {
     ws[w].kt = (float *)p;
     ws[w].qf = (float *)(p += sz_kt);
     ws[w].lg = (float *)(p += sz_qf);
-    ws[w].part[0] = (double *)(p += sz_lg);
-    ws[w].part[1] = (double *)(p += sz_part);
-    ws[w].below = (uint64_t *)(p += sz_part);
+    ws[w].below = (uint64_t *)(p += sz_lg);
     ws[w].total = (uint64_t *)(p += sz_cnt);
     p += sz_cnt;
     memset(ws[w].below, 0, (size_t)hq * sizeof(uint64_t));
@@ -987,7 +1011,12 @@ static pvl_status cpu_observe(pvl_cache *c, const pvl_table *t, const void *q,
                 .ld = ld,
                 .ws = ws,
                 .raw = obs->raw,
-                .unit = obs_unit_generic};
+                .unit = obs_unit_generic,
+                .ring = ring,
+                .ring_stride = sz_part,
+                .ring_n = ring_n,
+                .slot_nv = slot_nv,
+                .done = done};
 #if OBS_X86
   if (cs->isa == CPU_ISA_AVX2) jb.unit = obs_unit_avx2;
   if (cs->isa == CPU_ISA_AVX512) jb.unit = obs_unit_avx512;
