@@ -3,7 +3,7 @@
  * kernels are tested against these. The observation is also blocked,
  * vectorized and threaded (below), because H2O's covers every prompt row
  * and the examples run it on the CPU. */
-#define _POSIX_C_SOURCE 200809L /* pthread barriers, sysconf */
+#define _POSIX_C_SOURCE 200809L /* sysconf */
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
