@@ -327,8 +327,7 @@ static pvl_status select_layers(pvl_cache *c, const pvl_policy *p,
 static pvl_status compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
                            pvl_compress_report *report, void *stream) {
   static const char fn[] = "pvl_compress";
-  if (!c)
-    return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn, "cache is NULL");
+  if (!c) return pvl__fail(c, PVL_ERR_INVALID_ARGUMENT, fn, "cache is NULL");
   pvl_status st = pvl__policy_check(c, p, fn);
   if (st != PVL_SUCCESS) return st;
   pvl_seq *s = pvl__seq_get(c, id);
@@ -389,8 +388,7 @@ static pvl_status compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
    * (split by heads: the sums over all heads; by layers: all densities). */
   pvl_dist_stats ds;
   st = pvl__dist_compress_stats(c, s, p, &ds, fn);
-  if (st != PVL_SUCCESS)
-    goto out;
+  if (st != PVL_SUCCESS) goto out;
   pvl_obs *const *obs = ds.obs ? ds.obs : s->obs;
   const uint32_t H = ds.obs ? c->dist->model_q_heads : c->cfg.num_q_heads;
 
@@ -452,8 +450,7 @@ static pvl_status compress(pvl_cache *c, pvl_seq_id id, const pvl_policy *p,
   }
   /* A split cache commits on every rank or on none. */
   st = pvl__dist_agree(c, PVL_SUCCESS, 0, fn);
-  if (st != PVL_SUCCESS)
-    goto out;
+  if (st != PVL_SUCCESS) goto out;
   for (uint32_t l = 0; l < L; l++) {
     uint32_t n = (uint32_t)((l + 1 < L ? koff[l + 1] : off) - koff[l]);
     st = pvl__retain_commit(c, s, l, keep + koff[l], n, &prep[l], stream, fn);
@@ -531,12 +528,11 @@ static pvl_status decode_cap(pvl_cache *c, pvl_seq_id id, uint32_t layer,
     if (st != PVL_SUCCESS) return st;
   }
   /* Split by heads: the per-key sums of every rank are added first
-   * (dist.c), so every rank keeps the same tokens. */
+   * (dist.c), so every rank checks and keeps the same tokens. */
   pvl_obs *comb = NULL;
   if (scored && c->dist && c->dist->call) {
     st = pvl__dist_layer_obs(c, o, &comb, fn);
-    if (st != PVL_SUCCESS)
-      return st;
+    if (st != PVL_SUCCESS) return st;
     o = comb;
   }
   char *mem = NULL;
@@ -571,8 +567,7 @@ static pvl_status decode_cap(pvl_cache *c, pvl_seq_id id, uint32_t layer,
                      "recompressing layer %u needs %u free blocks, %u free",
                      layer, prep.n_new, c->pool.num_free);
     st = pvl__dist_agree(c, st, 0, fn);
-    if (st != PVL_SUCCESS)
-      pvl__retain_abort(c, &prep);
+    if (st != PVL_SUCCESS) pvl__retain_abort(c, &prep);
   }
   if (st == PVL_SUCCESS)
     st = pvl__retain_commit(c, s, layer, keep, k, &prep, stream, fn);
@@ -581,10 +576,8 @@ static pvl_status decode_cap(pvl_cache *c, pvl_seq_id id, uint32_t layer,
     *did = 1;
   }
 done:
-  if (mem)
-    pvl__free(c->alloc, mem, bytes);
-  if (comb)
-    pvl__dist_obs_free(c, comb);
+  if (mem) pvl__free(c->alloc, mem, bytes);
+  if (comb) pvl__dist_obs_free(c, comb);
   return st;
 }
 
