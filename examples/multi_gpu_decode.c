@@ -413,10 +413,10 @@ int main(int argc, char **argv) {
              "from every layer's density\n");
   }
   const uint64_t tokens = res[0].decode_tokens;
-  printf("\ndecode: %" PRIu64 " tokens (%u requests x %u steps) in %.3f s: "
+  printf("\ndecode: %" PRIu64 " tokens (%u request%s x %u steps) in %.3f s: "
          "%.0f tokens/s (the slowest rank's time)\n",
-         tokens, res[0].admitted, job.steps, slowest,
-         slowest > 0 ? (double)tokens / slowest : 0.0);
+         tokens, res[0].admitted, res[0].admitted == 1 ? "" : "s", job.steps,
+         slowest, slowest > 0 ? (double)tokens / slowest : 0.0);
 
   int bad = !agree;
   if (o.verify) {
