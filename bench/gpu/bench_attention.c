@@ -130,6 +130,66 @@ static double time_calls(pvl_cache *cache, pvl_plan *plan, uint32_t layers,
   return ms[REPS / 2] * 1e3 / calls;
 }
 
+/* The decode step both kinds of case time: one slot appended to every
+ * sequence, the plan built, random queries, the new token written in every
+ * layer, and a stream of our own (graphs cannot be captured on the legacy
+ * one). */
+typedef struct step {
+  pvl_plan *plan;
+  void *q, *out;
+  size_t qn;
+  cudaStream_t s;
+  int calls; /* attention calls per timing, rotating over the layers */
+} step;
+
+static step step_prepare(pvl_cache *cache, pvl_seq_id *seqs, uint32_t batch,
+                         uint32_t layers, uint32_t hq, uint32_t d,
+                         void *dkv) {
+  step st;
+  CK(pvl_seq_append(cache, seqs, batch, NULL));
+  CK(pvl_plan_create(cache, batch, 0, &st.plan));
+  CK(pvl_plan_build(st.plan, seqs, batch, NULL));
+  st.qn = (size_t)batch * hq * d;
+  CU(cudaMalloc(&st.q, st.qn * 2));
+  CU(cudaMalloc(&st.out, st.qn * 2));
+  uint16_t *hq16 = malloc(st.qn * 2);
+  for (size_t i = 0; i < st.qn; i++) hq16[i] = rand_bf16();
+  CU(cudaMemcpy(st.q, hq16, st.qn * 2, cudaMemcpyHostToDevice));
+  free(hq16);
+  for (uint32_t l = 0; l < layers; l++)
+    CK(pvl_plan_kv_write(st.plan, l, dkv, dkv, NULL));
+  CU(cudaDeviceSynchronize());
+  CU(cudaStreamCreateWithFlags(&st.s, cudaStreamNonBlocking));
+  st.calls = layers < 8 ? 2 * (int)layers : (int)layers;
+  return st;
+}
+
+/* Per-call time (us) of the step's attention calls replayed from one
+ * captured CUDA graph. */
+static double step_graph_us(pvl_cache *cache, const step *st,
+                            uint32_t layers) {
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CU(cudaStreamBeginCapture(st->s, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < st->calls; i++)
+    CK(pvl_attention_decode(st->plan, (uint32_t)i % layers, st->q, st->out, 0,
+                            st->s));
+  CU(cudaStreamEndCapture(st->s, &graph));
+  CU(cudaGraphInstantiate(&exec, graph, 0));
+  const double us = time_calls(cache, st->plan, layers, st->calls, st->q,
+                               st->out, st->s, exec);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  return us;
+}
+
+static void step_release(step *st) {
+  cudaStreamDestroy(st->s);
+  cudaFree(st->q);
+  cudaFree(st->out);
+  pvl_plan_destroy(st->plan);
+}
+
 /* One case: `batch` sequences of `ctx` prompt tokens in `layers` layers,
  * compacted to keep * ctx tokens (every 1/keep-th token, through
  * pvl_seq_retain, so the kernel reads compacted blocks), one decode slot
@@ -171,47 +231,18 @@ static result run_case(uint32_t batch, uint32_t ctx, double keep,
         CK(pvl_seq_retain(cache, seqs[b], l, idx, n_keep, NULL));
     }
   }
-  CK(pvl_seq_append(cache, seqs, batch, NULL));
-  pvl_plan *plan;
-  CK(pvl_plan_create(cache, batch, 0, &plan));
-  CK(pvl_plan_build(plan, seqs, batch, NULL));
-  const size_t qn = (size_t)batch * hq * d;
-  void *q, *out;
-  CU(cudaMalloc(&q, qn * 2));
-  CU(cudaMalloc(&out, qn * 2));
-  uint16_t *hq16 = malloc(qn * 2);
-  for (size_t i = 0; i < qn; i++) hq16[i] = rand_bf16();
-  CU(cudaMemcpy(q, hq16, qn * 2, cudaMemcpyHostToDevice));
-  free(hq16);
-  for (uint32_t l = 0; l < layers; l++)
-    CK(pvl_plan_kv_write(plan, l, dkv, dkv, NULL));
-  CU(cudaDeviceSynchronize());
-
-  /* A stream of our own: graphs cannot be captured on the legacy one. */
-  cudaStream_t s;
-  CU(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  const int calls = layers < 8 ? 2 * (int)layers : (int)layers;
+  step st = step_prepare(cache, seqs, batch, layers, hq, d, dkv);
   result res;
   res.layers = layers;
-  res.us_eager = time_calls(cache, plan, layers, calls, q, out, s, NULL);
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < calls; i++)
-    CK(pvl_attention_decode(plan, (uint32_t)i % layers, q, out, 0, s));
-  CU(cudaStreamEndCapture(s, &graph));
-  CU(cudaGraphInstantiate(&exec, graph, 0));
-  res.us_graph = time_calls(cache, plan, layers, calls, q, out, s, exec);
+  res.us_eager = time_calls(cache, st.plan, layers, st.calls, st.q, st.out,
+                            st.s, NULL);
+  res.us_graph = step_graph_us(cache, &st, layers);
   /* Bytes the call must move: every kept K and V row once, q and out. */
-  res.kv_bytes = (double)batch * (n_keep + 1) * row * 2 * 2 + 2.0 * qn * 2;
+  res.kv_bytes =
+      (double)batch * (n_keep + 1) * row * 2 * 2 + 2.0 * st.qn * 2;
   res.gbs = res.kv_bytes / (res.us_graph * 1e-6) / 1e9;
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  cudaStreamDestroy(s);
-  cudaFree(q);
-  cudaFree(out);
+  step_release(&st);
   cudaFree(dkv);
-  pvl_plan_destroy(plan);
   pvl_cache_destroy(cache);
   free(h);
   free(idx);
@@ -258,39 +289,10 @@ static double run_lengths(uint32_t batch, const uint32_t *len, uint32_t hq,
     for (uint32_t l = 0; l < layers; l++)
       CK(pvl_kv_write(cache, seqs[b], l, 0, len[b], dkv, dkv, NULL));
   }
-  CK(pvl_seq_append(cache, seqs, batch, NULL));
-  pvl_plan *plan;
-  CK(pvl_plan_create(cache, batch, 0, &plan));
-  CK(pvl_plan_build(plan, seqs, batch, NULL));
-  const size_t qn = (size_t)batch * hq * d;
-  void *q, *out;
-  CU(cudaMalloc(&q, qn * 2));
-  CU(cudaMalloc(&out, qn * 2));
-  uint16_t *hq16 = malloc(qn * 2);
-  for (size_t i = 0; i < qn; i++) hq16[i] = rand_bf16();
-  CU(cudaMemcpy(q, hq16, qn * 2, cudaMemcpyHostToDevice));
-  free(hq16);
-  for (uint32_t l = 0; l < layers; l++)
-    CK(pvl_plan_kv_write(plan, l, dkv, dkv, NULL));
-  CU(cudaDeviceSynchronize());
-  cudaStream_t s;
-  CU(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  const int calls = layers < 8 ? 2 * (int)layers : (int)layers;
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < calls; i++)
-    CK(pvl_attention_decode(plan, (uint32_t)i % layers, q, out, 0, s));
-  CU(cudaStreamEndCapture(s, &graph));
-  CU(cudaGraphInstantiate(&exec, graph, 0));
-  const double us = time_calls(cache, plan, layers, calls, q, out, s, exec);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  cudaStreamDestroy(s);
-  cudaFree(q);
-  cudaFree(out);
+  step st = step_prepare(cache, seqs, batch, layers, hq, d, dkv);
+  const double us = step_graph_us(cache, &st, layers);
+  step_release(&st);
   cudaFree(dkv);
-  pvl_plan_destroy(plan);
   pvl_cache_destroy(cache);
   free(h);
   free(seqs);
