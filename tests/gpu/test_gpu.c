@@ -530,6 +530,26 @@ Test(gpu, select_top_matches_cpu) {
   free(keep);
 }
 
+/* Kept positions of one layer on both backends (ascending, n each): they
+ * may differ only where scores tie within rounding, so 99 % must agree. */
+static void expect_same_kept(const uint32_t *pc, const uint32_t *pg,
+                             uint32_t n, uint32_t layer) {
+  uint32_t same = 0;
+  for (uint32_t i = 0, j = 0; i < n && j < n;) {
+    if (pc[i] == pg[j]) {
+      same++;
+      i++;
+      j++;
+    } else if (pc[i] < pg[j]) {
+      i++;
+    } else {
+      j++;
+    }
+  }
+  cr_assert(same * 100 >= n * 99, "layer %u: %u of %u kept positions agree",
+            layer, same, n);
+}
+
 /* ---- compress end to end ---- */
 
 Test(gpu, compress_keeps_the_same_tokens) {
@@ -567,27 +587,12 @@ Test(gpu, compress_keeps_the_same_tokens) {
   OK2(&t, pvl_compress(t.cpu, sc, &p, &rc, NULL), pvl_compress(t.gpu, sg, &p, &rg, NULL));
   cr_assert_eq(rc.kept_total, rg.kept_total);
   cr_assert_eq(rc.blocks_freed, rg.blocks_freed);
-  /* Selections may differ only where scores tie within rounding: require
-   * 99 % overlap of kept positions per layer. */
   for (uint32_t l = 0; l < 4; l++) {
     uint32_t pc[600], pg[600], nc, ng;
     OK2(&t, pvl_seq_positions(t.cpu, sc, l, pc, 600, &nc),
         pvl_seq_positions(t.gpu, sg, l, pg, 600, &ng));
     cr_assert_eq(nc, ng);
-    uint32_t same = 0;
-    for (uint32_t i = 0, j = 0; i < nc && j < ng;) {
-      if (pc[i] == pg[j]) {
-        same++;
-        i++;
-        j++;
-      } else if (pc[i] < pg[j]) {
-        i++;
-      } else {
-        j++;
-      }
-    }
-    cr_assert(same * 100 >= nc * 99, "layer %u: %u of %u kept positions agree",
-              l, same, nc);
+    expect_same_kept(pc, pg, nc, l);
   }
   twin_free(&t);
 }
@@ -900,21 +905,7 @@ Test(gpu, observe_prefill_queued_then_compress_matches_cpu) {
     OK2(&t, pvl_seq_positions(t.cpu, sc, l, pc, M, &nc),
         pvl_seq_positions(t.gpu, sg, l, pg, M, &ng));
     cr_assert_eq(nc, ng, "layer %u", l);
-    uint32_t same = 0;
-    for (uint32_t i = 0, j = 0; i < nc && j < ng;) {
-      if (pc[i] == pg[j]) {
-        same++;
-        i++;
-        j++;
-      } else if (pc[i] < pg[j]) {
-        i++;
-      } else {
-        j++;
-      }
-    }
-    /* As compress_keeps_the_same_tokens: only ties within rounding. */
-    cr_assert(same * 100 >= nc * 99, "layer %u: %u of %u kept positions agree",
-              l, same, nc);
+    expect_same_kept(pc, pg, nc, l);
   }
   cudaStreamDestroy(s);
   for (uint32_t l = 0; l < LAYERS; l++) cudaFree(dq[l]);
