@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _data
 from ._comm import Comm
-from ._lib import (Admit, Backend, CompressReportStruct, Config, DType, PagedVLError,
+from ._lib import (Admit, Backend, Closable, CompressReportStruct, Config, DType, PagedVLError,
                    PlanInfoStruct, SeqInfoStruct, Span, Split, StatsStruct, check_create,
                    lib)
 from ._policy import Policy, Rows, _policy
@@ -188,7 +188,7 @@ def dtype_size(dtype) -> int:
     return int(lib.pvl_dtype_size(int(_enum_value(DType, _DTYPES, dtype, "dtype"))))
 
 
-class Cache:
+class Cache(Closable):
     """A KV cache (pvl_cache). Keywords are the fields of pvl_config:
     backend ("cpu", "cuda", "auto" or a Backend), device, dtype ("f32",
     "f16", "bf16" or a DType), num_layers, num_q_heads, num_kv_heads,
@@ -268,17 +268,6 @@ class Cache:
                 p._h = None  # destroyed with the cache
             lib.pvl_cache_destroy(h)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: lib may be gone
-            pass
 
     @property
     def closed(self) -> bool:
@@ -553,7 +542,7 @@ class Cache:
 # ---------------------------------------------------------------------------
 
 
-class Plan:
+class Plan(Closable):
     """A batch plan (pvl_plan) of a cache: build it after each append (or
     retain, compress, fork), then kv_write and attention_decode per layer.
     Destroyed by close(), at exit of a with block, or with its cache."""
@@ -575,17 +564,6 @@ class Plan:
         if h and not self.cache.closed:
             lib.pvl_plan_destroy(h)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     @property
     def closed(self) -> bool:

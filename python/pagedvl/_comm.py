@@ -12,12 +12,12 @@ import weakref
 from typing import List, Tuple
 
 from ._data import uint
-from ._lib import PagedVLError, PROTOTYPES, Status, check_create, lib
+from ._lib import Closable, PagedVLError, PROTOTYPES, Status, check_create, lib
 
 COMM_ID_BYTES = 128  # PVL_COMM_ID_BYTES
 
 
-class Comm:
+class Comm(Closable):
     """A communicator handle of one rank. Make them with Comm.local(n) (an
     in-process communicator over threads, for the CPU backend and tests),
     Comm.nccl(unique_id, rank, nranks, device) or Comm.adopt_nccl(ptr).
@@ -90,17 +90,6 @@ class Comm:
         h, self._h = self._h, None
         lib.pvl_comm_destroy(h)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self):
         if self.closed:

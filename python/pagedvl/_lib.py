@@ -320,6 +320,23 @@ class PagedVLError(Exception):
 # ---------------------------------------------------------------------------
 
 
+class Closable:
+    """A handle with close(): a context manager, and closed when collected.
+    close() must be idempotent."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may be gone
+            pass
+
+
 def _candidates():
     env = os.environ.get("PAGEDVL_LIBRARY")
     if env:
