@@ -130,6 +130,35 @@ static double time_calls(pvl_cache *cache, pvl_plan *plan, uint32_t layers,
   return ms[REPS / 2] * 1e3 / calls;
 }
 
+/* A bf16 CUDA cache of the benchmark's shape with num_blocks blocks. */
+static pvl_cache *make_cache(uint32_t layers, uint32_t hq, uint32_t hkv,
+                             uint32_t d, uint32_t bs, uint32_t num_blocks) {
+  pvl_config cfg;
+  pvl_config_init(&cfg);
+  cfg.backend = PVL_BACKEND_CUDA;
+  cfg.dtype = PVL_DTYPE_BF16;
+  cfg.num_layers = layers;
+  cfg.num_q_heads = hq;
+  cfg.num_kv_heads = hkv;
+  cfg.head_dim = d;
+  cfg.block_size = bs;
+  cfg.num_blocks = num_blocks;
+  pvl_cache *cache = NULL;
+  CK(pvl_cache_create(&cfg, &cache));
+  return cache;
+}
+
+/* n random bf16 elements on the device: the K (and V) every write reads. */
+static void *random_device_bf16(size_t n) {
+  uint16_t *h = malloc(n * 2);
+  for (size_t i = 0; i < n; i++) h[i] = rand_bf16();
+  void *dev;
+  CU(cudaMalloc(&dev, n * 2));
+  CU(cudaMemcpy(dev, h, n * 2, cudaMemcpyHostToDevice));
+  free(h);
+  return dev;
+}
+
 /* The decode step both kinds of case time: one slot appended to every
  * sequence, the plan built, random queries, the new token written in every
  * layer, and a stream of our own (graphs cannot be captured on the legacy
@@ -197,28 +226,15 @@ static void step_release(step *st) {
 static result run_case(uint32_t batch, uint32_t ctx, double keep,
                        uint32_t layers, uint32_t hq, uint32_t hkv,
                        uint32_t d, uint32_t bs) {
-  pvl_cache *cache = NULL;
-  pvl_config cfg;
-  pvl_config_init(&cfg);
-  cfg.backend = PVL_BACKEND_CUDA;
-  cfg.dtype = PVL_DTYPE_BF16;
-  cfg.num_layers = layers;
-  cfg.num_q_heads = hq;
-  cfg.num_kv_heads = hkv;
-  cfg.head_dim = d;
-  cfg.block_size = bs;
   const uint32_t n_keep = keep_count(ctx, keep);
   /* Each layer is compacted right after it is written: the kept blocks of
    * every layer, one whole layer in flight, the decode slots. */
-  cfg.num_blocks = (uint32_t)((uint64_t)batch * layers * (n_keep / bs + 3) +
-                              ctx / bs + 3 + 64);
-  CK(pvl_cache_create(&cfg, &cache));
+  pvl_cache *cache = make_cache(
+      layers, hq, hkv, d, bs,
+      (uint32_t)((uint64_t)batch * layers * (n_keep / bs + 3) + ctx / bs + 3 +
+                 64));
   const size_t row = (size_t)hkv * d;
-  uint16_t *h = malloc((size_t)ctx * row * 2);
-  for (size_t i = 0; i < (size_t)ctx * row; i++) h[i] = rand_bf16();
-  void *dkv;
-  CU(cudaMalloc(&dkv, (size_t)ctx * row * 2));
-  CU(cudaMemcpy(dkv, h, (size_t)ctx * row * 2, cudaMemcpyHostToDevice));
+  void *dkv = random_device_bf16((size_t)ctx * row);
   uint32_t *idx = malloc((size_t)n_keep * sizeof(uint32_t));
   for (uint32_t i = 0; i < n_keep; i++)
     idx[i] = (uint32_t)((uint64_t)i * ctx / n_keep);
@@ -244,7 +260,6 @@ static result run_case(uint32_t batch, uint32_t ctx, double keep,
   step_release(&st);
   cudaFree(dkv);
   pvl_cache_destroy(cache);
-  free(h);
   free(idx);
   free(seqs);
   return res;
@@ -255,7 +270,6 @@ static result run_case(uint32_t batch, uint32_t ctx, double keep,
  * the skewed-vs-balanced pair below. */
 static double run_lengths(uint32_t batch, const uint32_t *len, uint32_t hq,
                           uint32_t hkv, uint32_t d, uint32_t bs, int l2) {
-  pvl_cache *cache = NULL;
   const size_t row = (size_t)hkv * d;
   uint64_t tokens = 0;
   uint32_t longest = 0;
@@ -267,22 +281,10 @@ static double run_lengths(uint32_t batch, const uint32_t *len, uint32_t hq,
   const double per_layer = (double)tokens * row * 2 * 2;
   uint32_t layers = (uint32_t)ceil(3.0 * l2 / per_layer);
   if (layers < 4) layers = 4;
-  pvl_config cfg;
-  pvl_config_init(&cfg);
-  cfg.backend = PVL_BACKEND_CUDA;
-  cfg.dtype = PVL_DTYPE_BF16;
-  cfg.num_layers = layers;
-  cfg.num_q_heads = hq;
-  cfg.num_kv_heads = hkv;
-  cfg.head_dim = d;
-  cfg.block_size = bs;
-  cfg.num_blocks = (uint32_t)((tokens / bs + 2 * batch) * layers + 64);
-  CK(pvl_cache_create(&cfg, &cache));
-  uint16_t *h = malloc((size_t)longest * row * 2);
-  for (size_t i = 0; i < (size_t)longest * row; i++) h[i] = rand_bf16();
-  void *dkv;
-  CU(cudaMalloc(&dkv, (size_t)longest * row * 2));
-  CU(cudaMemcpy(dkv, h, (size_t)longest * row * 2, cudaMemcpyHostToDevice));
+  pvl_cache *cache =
+      make_cache(layers, hq, hkv, d, bs,
+                 (uint32_t)((tokens / bs + 2 * batch) * layers + 64));
+  void *dkv = random_device_bf16((size_t)longest * row);
   pvl_seq_id *seqs = malloc(batch * sizeof(pvl_seq_id));
   for (uint32_t b = 0; b < batch; b++) {
     CK(pvl_seq_add(cache, len[b], NULL, 0, &seqs[b]));
@@ -294,7 +296,6 @@ static double run_lengths(uint32_t batch, const uint32_t *len, uint32_t hq,
   step_release(&st);
   cudaFree(dkv);
   pvl_cache_destroy(cache);
-  free(h);
   free(seqs);
   return us;
 }
